@@ -1,0 +1,200 @@
+"""The decision: a pure function from what we know about a parcel to a lane and reasons.
+
+Release needs positive action. ``decide`` returns RELEASE only when every check has positively
+passed — exactly one distinct code, valid in an accepted format; a verdict of ``release`` found in
+time and not expired; an image check that passed (or is configured off); a healthy line; normal
+mode; and the decision made before its deadline. Everything else is INSPECTION, and every reason
+that counted against release is listed, so a customs officer reading the record sees them all,
+not just the first.
+
+The reason strings are part of the MQTT contract (parcel records); add new ones, never rename.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from agent.waybill import WaybillCheck, check_code
+
+__all__ = [
+    "Decision",
+    "DecisionInputs",
+    "ImageOutcome",
+    "LaneClass",
+    "Mode",
+    "ReaderOutcome",
+    "Reason",
+    "VerdictLookup",
+    "decide",
+]
+
+
+class LaneClass(enum.StrEnum):
+    RELEASE = "release"
+    INSPECTION = "inspection"
+
+
+class Mode(enum.StrEnum):
+    NORMAL = "normal"
+    INSPECT_ALL = "inspect_all"
+    MAINTENANCE = "maintenance"
+
+
+class Reason(enum.StrEnum):
+    RELEASE_VERDICT = "release_verdict"  # the one reason a release carries
+    NO_READ = "no_read"
+    READER_TIMEOUT = "reader_timeout"
+    MULTI_READ = "multi_read"
+    INVALID_CODE = "invalid_code"
+    UNKNOWN_WAYBILL = "unknown_waybill"
+    VERDICT_TIMEOUT = "verdict_timeout"
+    VERDICT_EXPIRED = "verdict_expired"
+    VERDICT_INSPECT = "verdict_inspect"
+    VERDICT_HOLD = "verdict_hold"
+    VERDICT_UNRECOGNISED = "verdict_unrecognised"
+    IMAGE_MISSING = "image_missing"
+    IMAGE_FLAGGED = "image_flagged"
+    IMAGE_FAILED = "image_failed"
+    LINE_UNHEALTHY = "line_unhealthy"
+    MODE_INSPECT_ALL = "mode_inspect_all"
+    MODE_MAINTENANCE = "mode_maintenance"
+    LATE = "late"
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderOutcome:
+    """What one barcode reader said about one trigger.
+
+    ``codes`` empty with ``no_read`` True: the reader sent its NoRead string.
+    ``timed_out``: the reader sent nothing inside the read window.
+    """
+
+    reader: str
+    codes: tuple[str, ...] = ()
+    no_read: bool = False
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictLookup:
+    """Result of looking a waybill up in the verdict store (or asking central for it)."""
+
+    status: str  # "hit" | "miss" | "expired" | "timeout"
+    verdict: str | None = None  # "release" | "inspect" | "hold" when status == "hit"
+    verdict_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageOutcome:
+    """Image check result. ``required`` False means advisory/off: it cannot block release."""
+
+    required: bool
+    status: str  # "pass" | "flagged" | "missing" | "failed"
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionInputs:
+    reads: tuple[ReaderOutcome, ...]
+    accept_formats: tuple[str, ...]
+    verdict: VerdictLookup | None  # None: no single valid code, so nothing was looked up
+    image: ImageOutcome | None  # None: image checks are off on this line
+    line_problems: tuple[str, ...] = ()  # empty means healthy
+    mode: Mode = Mode.NORMAL
+    late: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    lane: LaneClass
+    reasons: tuple[str, ...]
+    waybill: str | None = None  # the one valid code, when there is one
+    code_checks: tuple[WaybillCheck, ...] = field(default=())
+
+    @property
+    def released(self) -> bool:
+        return self.lane is LaneClass.RELEASE
+
+
+def distinct_codes(reads: Iterable[ReaderOutcome]) -> list[str]:
+    """All distinct codes (normalized) that any reader reported, in first-seen order."""
+    seen: dict[str, None] = {}
+    for outcome in reads:
+        for raw in outcome.codes:
+            seen.setdefault("".join(raw.split()).upper(), None)
+    return list(seen)
+
+
+def identify(reads: tuple[ReaderOutcome, ...], accept: tuple[str, ...]) -> tuple[
+    str | None, list[str], tuple[WaybillCheck, ...]
+]:
+    """Find the parcel's one valid waybill, if it has exactly one. Returns (code, reasons, checks)."""
+    codes = distinct_codes(reads)
+    checks = tuple(check_code(c, accept) for c in codes)
+    reasons: list[str] = []
+    if not codes:
+        if any(r.timed_out for r in reads) or not reads:
+            reasons.append(Reason.READER_TIMEOUT)
+        if any(r.no_read for r in reads) or not reads:
+            reasons.append(Reason.NO_READ)
+        return None, reasons, checks
+    if len(codes) > 1:
+        reasons.append(Reason.MULTI_READ)
+    if any(not c.valid for c in checks):
+        reasons.append(Reason.INVALID_CODE)
+    if reasons:
+        return None, reasons, checks
+    return checks[0].code, reasons, checks
+
+
+_VERDICT_REASONS: Mapping[str, Reason] = {
+    "inspect": Reason.VERDICT_INSPECT,
+    "hold": Reason.VERDICT_HOLD,
+}
+
+
+def decide(inputs: DecisionInputs) -> Decision:
+    """Decide the lane. Pure: same inputs, same decision; never raises on odd inputs."""
+    waybill, reasons, checks = identify(inputs.reads, inputs.accept_formats)
+
+    verdict = inputs.verdict
+    if waybill is not None:
+        if verdict is None or verdict.status == "miss":
+            reasons.append(Reason.UNKNOWN_WAYBILL)
+        elif verdict.status == "timeout":
+            reasons.append(Reason.VERDICT_TIMEOUT)
+        elif verdict.status == "expired":
+            reasons.append(Reason.VERDICT_EXPIRED)
+        elif verdict.status != "hit":
+            reasons.append(Reason.VERDICT_UNRECOGNISED)
+        elif verdict.verdict != "release":
+            reasons.append(_VERDICT_REASONS.get(verdict.verdict or "", Reason.VERDICT_UNRECOGNISED))
+
+    image = inputs.image
+    if image is not None and image.required:
+        if image.status == "missing":
+            reasons.append(Reason.IMAGE_MISSING)
+        elif image.status == "flagged":
+            reasons.append(Reason.IMAGE_FLAGGED)
+        elif image.status != "pass":
+            reasons.append(Reason.IMAGE_FAILED)
+
+    if inputs.line_problems:
+        reasons.append(Reason.LINE_UNHEALTHY)
+    if inputs.mode is Mode.INSPECT_ALL:
+        reasons.append(Reason.MODE_INSPECT_ALL)
+    elif inputs.mode is Mode.MAINTENANCE:
+        reasons.append(Reason.MODE_MAINTENANCE)
+    elif inputs.mode is not Mode.NORMAL:
+        reasons.append(Reason.MODE_MAINTENANCE)
+    if inputs.late:
+        reasons.append(Reason.LATE)
+
+    if reasons:
+        return Decision(LaneClass.INSPECTION, tuple(str(r) for r in reasons), waybill, checks)
+    # Positive evidence only: reaching here needs a valid waybill and a "release" hit.
+    if waybill is None or verdict is None or verdict.status != "hit" or verdict.verdict != "release":
+        return Decision(LaneClass.INSPECTION, (str(Reason.VERDICT_UNRECOGNISED),), waybill, checks)
+    return Decision(LaneClass.RELEASE, (str(Reason.RELEASE_VERDICT),), waybill, checks)
