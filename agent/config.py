@@ -1,0 +1,263 @@
+"""Typed, validated configuration for one sortgate agent (one sorting line).
+
+The config is one TOML file written by a technician. It is strict on purpose (after Klipper and
+Frigate): unknown keys are errors so typos surface, every number is bounded, cross-field rules are
+checked, and every error names the file, the dotted key and the bad value. ``sortgate
+check-config FILE`` prints all problems at once; ``sortgate run`` refuses to start on any.
+
+The fully commented example is ``config/sortgate.example.toml``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.waybill import FORMATS
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_config"]
+
+
+class ConfigError(Exception):
+    """The config file cannot be used. ``problems`` holds one line per problem."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+Ms = Annotated[int, Field(ge=1, le=600_000)]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+Parity = Literal["N", "E", "O"]
+
+
+class LineConfig(_Strict):
+    site: Name = Field(description="Site code, part of every MQTT topic")
+    line: Name = Field(description="Line name at the site, part of every MQTT topic")
+
+
+class ControllerConfig(_Strict):
+    transport: Literal["tcp", "rtu"] = "tcp"
+    host: str | None = Field(None, description="Modbus TCP host (transport = tcp)")
+    port: int = Field(502, ge=1, le=65535)
+    device: str | None = Field(None, description="Serial device (transport = rtu)")
+    baudrate: Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200] = 19200
+    bytesize: Literal[7, 8] = 8
+    parity: Parity = "E"
+    stopbits: Literal[1, 2] = 1
+    unit_id: int = Field(1, ge=1, le=247)
+    timeout_ms: Ms = Field(250, le=5000)
+    poll_interval_ms: Ms = Field(5, le=1000)
+    heartbeat_interval_ms: Ms = Field(100, le=10_000)
+    inter_frame_gap_ms: int = Field(0, ge=0, le=100)
+    reconnect_max_s: float = Field(5.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _transport_fields(self) -> ControllerConfig:
+        if self.transport == "tcp" and not self.host:
+            raise ValueError("host is required when transport = 'tcp'")
+        if self.transport == "rtu" and not self.device:
+            raise ValueError("device is required when transport = 'rtu'")
+        return self
+
+
+_FRAMINGS = {"crlf": ("", "\r\n"), "cr": ("", "\r"), "lf": ("", "\n"), "stx_etx": ("\x02", "\x03")}
+
+
+class ReaderConfig(_Strict):
+    name: Name
+    device: str = Field(min_length=1)
+    baudrate: Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200] = 9600
+    bytesize: Literal[7, 8] = 8
+    parity: Parity = "N"
+    stopbits: Literal[1, 2] = 1
+    framing: Literal["crlf", "cr", "lf", "stx_etx", "custom"] = "crlf"
+    prefix: str = Field("", max_length=8, description="framing = custom only")
+    suffix: str = Field("", max_length=8, description="framing = custom only")
+    noread: str = Field("NoRead", min_length=1, max_length=32)
+    multi_read_delimiter: str = Field(";", min_length=1, max_length=4)
+    max_frame_bytes: int = Field(256, ge=16, le=4096)
+    read_window_ms: Ms = Field(200, le=5000)
+
+    @model_validator(mode="after")
+    def _framing(self) -> ReaderConfig:
+        if self.framing == "custom":
+            if not self.suffix:
+                raise ValueError("framing = 'custom' needs a suffix")
+        elif self.prefix or self.suffix:
+            raise ValueError(f"prefix/suffix are only used with framing = 'custom', not '{self.framing}'")
+        if self.multi_read_delimiter in self.noread:
+            raise ValueError("multi_read_delimiter must not occur inside the noread string")
+        return self
+
+    @property
+    def frame_bytes(self) -> tuple[bytes, bytes]:
+        prefix, suffix = _FRAMINGS.get(self.framing, (self.prefix, self.suffix))
+        return prefix.encode("latin-1"), suffix.encode("latin-1")
+
+
+class LaneConfig(_Strict):
+    number: int = Field(ge=1, le=16, description="Lane number in the controller contract")
+    name: Name
+    role: Literal["release", "inspection"]
+    gate: int | None = Field(None, ge=1, le=16, description="Gate that diverts into this lane")
+
+
+class DecisionConfig(_Strict):
+    safety_margin_ms: Ms = Field(
+        60, le=2000, description="A lane command must be on the wire this long before the decision point"
+    )
+
+
+class WaybillConfig(_Strict):
+    accept: list[str] = Field(default_factory=lambda: list(FORMATS), min_length=1)
+
+    @model_validator(mode="after")
+    def _known(self) -> WaybillConfig:
+        unknown = [f for f in self.accept if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"unknown waybill format(s) {unknown}; known: {sorted(FORMATS)}")
+        return self
+
+
+class StorageConfig(_Strict):
+    state_dir: Path = Field(Path("/var/lib/sortgate"), description="Verdict store and outbox live here")
+
+
+class VerdictConfig(_Strict):
+    default_ttl_s: int = Field(86_400, ge=60, le=30 * 86_400)
+
+
+class MqttConfig(_Strict):
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str | None = Field(None, max_length=128)
+    topic_prefix: str = Field("sortgate", pattern=r"^[A-Za-z0-9_/-]+$", max_length=64)
+    keepalive_s: int = Field(30, ge=5, le=600)
+    reconnect_max_s: float = Field(10.0, gt=0, le=300)
+
+
+class LoggingConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class HealthConfig(_Strict):
+    stats_interval_s: float = Field(10.0, ge=1, le=3600)
+    result_timeout_s: float = Field(10.0, ge=1, le=600, description="Wait this long for a parcel's result")
+
+
+class Config(_Strict):
+    line: LineConfig
+    controller: ControllerConfig
+    readers: list[ReaderConfig] = Field(min_length=1, max_length=8)
+    lanes: list[LaneConfig] = Field(min_length=2, max_length=16)
+    decision: DecisionConfig = DecisionConfig()
+    waybill: WaybillConfig = WaybillConfig()
+    storage: StorageConfig = StorageConfig()
+    verdicts: VerdictConfig = VerdictConfig()
+    mqtt: MqttConfig = MqttConfig()
+    logging: LoggingConfig = LoggingConfig()
+    health: HealthConfig = HealthConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> Config:
+        names = [r.name for r in self.readers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"readers: names must be unique, got {names}")
+        devices = [r.device for r in self.readers]
+        if len(set(devices)) != len(devices):
+            raise ValueError(f"readers: devices must be unique, got {devices}")
+        numbers = [lane.number for lane in self.lanes]
+        if len(set(numbers)) != len(numbers):
+            raise ValueError(f"lanes: numbers must be unique, got {numbers}")
+        inspection = [lane for lane in self.lanes if lane.role == "inspection" and lane.gate is None]
+        if len(inspection) != 1:
+            raise ValueError(
+                "lanes: exactly one inspection lane must have no gate (the path a parcel takes "
+                "when no gate fires)"
+            )
+        if not any(lane.role == "release" for lane in self.lanes):
+            raise ValueError("lanes: no lane has role = 'release'")
+        for lane in self.lanes:
+            if lane.role == "release" and lane.gate is None:
+                raise ValueError(
+                    f"lanes: release lane {lane.number} has no gate; releasing must take a gate firing"
+                )
+        gates = [lane.gate for lane in self.lanes if lane.gate is not None]
+        if len(set(gates)) != len(gates):
+            raise ValueError(f"lanes: each gate may divert into one lane only, got {gates}")
+        return self
+
+    @property
+    def default_lane(self) -> int:
+        return next(lane.number for lane in self.lanes if lane.role == "inspection" and lane.gate is None)
+
+    @property
+    def release_lane(self) -> int:
+        return next(lane.number for lane in self.lanes if lane.role == "release")
+
+    @property
+    def topic_root(self) -> str:
+        return f"{self.mqtt.topic_prefix}/{self.line.site}/{self.line.line}"
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _dig(data: Any, loc: tuple[Any, ...]) -> tuple[bool, Any]:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return False, None
+    return True, data
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate a decoded TOML document. Raises ConfigError naming source, key and value."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            found, value = _dig(data, loc)
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (typo?)"
+            got = f" (got {value!r})" if found and not isinstance(value, dict | list) else ""
+            where = f"{_key(loc)}: " if loc else ""
+            problems.append(f"{source}: {where}{msg}{got}")
+        raise ConfigError(source, problems) from exc
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file. Raises ConfigError (never anything else)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), [f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [f"{path}: not UTF-8 text: {exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"{path}: TOML syntax error: {exc}"]) from exc
+    return parse_config(data, str(path))

@@ -1,0 +1,211 @@
+"""The agent's Modbus transport to the line controller (pymodbus, TCP or RTU).
+
+One ``ControllerLink`` owns one connection. Every request goes through one asyncio lock (a Modbus
+link carries one transaction at a time; RTU also needs the inter-frame gap from config), so the
+poll loop, the heartbeat and lane commands never interleave on the wire.
+
+At connect the link reads the identity block and refuses a controller whose contract version it
+does not speak (``ContractMismatch``) — the same rule as Klipper's host reading the MCU's
+dictionary. Reconnecting is the caller's job (``agent.controller``), so that a mismatch is never
+retried and a lost link is visible as state, not hidden in a library.
+
+A flight recorder keeps the last frames on the wire; ``dump_frames()`` gives them to the log when
+something fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from collections import deque
+from collections.abc import Sequence
+
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ModbusException
+from pymodbus.framer import FramerType
+
+from firmware_bridge import contract as c
+from firmware_bridge.errors import ContractMismatch, LinkError
+
+__all__ = ["ControllerLink", "LinkSettings"]
+
+
+
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSettings:
+    """Connection settings for one controller link (one dataclass, after pymodbus)."""
+
+    transport: str = "tcp"  # "tcp" | "rtu"
+    host: str | None = "127.0.0.1"
+    port: int = 502
+    device: str | None = None
+    baudrate: int = 19200
+    bytesize: int = 8
+    parity: str = "E"
+    stopbits: int = 1
+    unit_id: int = 1
+    timeout_s: float = 0.25
+    inter_frame_gap_s: float = 0.0
+
+    def describe(self) -> str:
+        if self.transport == "tcp":
+            return f"modbus-tcp://{self.host}:{self.port}/unit{self.unit_id}"
+        return f"modbus-rtu://{self.device}@{self.baudrate}{self.parity}{self.stopbits}/unit{self.unit_id}"
+
+
+class ControllerLink:
+    def __init__(self, settings: LinkSettings, recorder_frames: int = 64) -> None:
+        self.settings = settings
+        self._lock = asyncio.Lock()
+        self._frames: deque[tuple[float, str, str]] = deque(maxlen=recorder_frames)
+        self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
+        self.identity: c.Identity | None = None
+        self.requests = 0
+
+    # --- flight recorder ----------------------------------------------------------------
+    def _trace(self, sending: bool, data: bytes) -> bytes:
+        self._frames.append((time.monotonic(), "tx" if sending else "rx", data.hex(" ")))
+        return data
+
+    def dump_frames(self) -> list[str]:
+        now = time.monotonic()
+        return [f"{t - now:+.3f}s {d} {h}" for t, d, h in self._frames]
+
+    # --- connection ---------------------------------------------------------------------
+    def _make_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+        s = self.settings
+        if s.transport == "tcp":
+            return AsyncModbusTcpClient(
+                s.host or "127.0.0.1",
+                port=s.port,
+                timeout=s.timeout_s,
+                retries=0,
+                reconnect_delay=0,
+                trace_packet=self._trace,
+            )
+        return AsyncModbusSerialClient(
+            s.device or "",
+            framer=FramerType.RTU,
+            baudrate=s.baudrate,
+            bytesize=s.bytesize,
+            parity=s.parity,
+            stopbits=s.stopbits,
+            timeout=s.timeout_s,
+            retries=0,
+            reconnect_delay=0,
+            trace_packet=self._trace,
+        )
+
+    async def connect(self) -> c.Identity:
+        """Connect and check the identity block. Raises LinkError or ContractMismatch."""
+        self.close()
+        client = self._make_client()
+        try:
+            ok = await client.connect()
+        except (OSError, ModbusException) as exc:
+            raise LinkError(f"{self.settings.describe()}: cannot connect: {exc}") from exc
+        if not ok:
+            client.close()
+            raise LinkError(f"{self.settings.describe()}: cannot connect")
+        self._client = client
+        regs = await self.read(c.ID_BASE, c.ID_LEN)
+        identity = c.Identity.decode(regs)
+        problems = identity.problems()
+        if problems:
+            self.close()
+            raise ContractMismatch(f"{self.settings.describe()}: " + "; ".join(problems))
+        self.identity = identity
+        return identity
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.connected
+
+    # --- requests -----------------------------------------------------------------------
+    async def read(self, address: int, count: int) -> list[int]:
+        async with self._lock:
+            client = self._require()
+            try:
+                rr = await client.read_holding_registers(
+                    address, count=count, device_id=self.settings.unit_id
+                )
+            except (ModbusException, OSError, asyncio.TimeoutError) as exc:
+                raise LinkError(f"read {address}+{count}: {exc}") from exc
+            finally:
+                await self._gap()
+            if rr.isError():
+                raise LinkError(f"read {address}+{count}: exception response {rr}")
+            self.requests += 1
+            return list(rr.registers)
+
+    async def write(self, address: int, values: Sequence[int]) -> None:
+        async with self._lock:
+            client = self._require()
+            try:
+                rr = await client.write_registers(
+                    address, list(values), device_id=self.settings.unit_id
+                )
+            except (ModbusException, OSError, asyncio.TimeoutError) as exc:
+                raise LinkError(f"write {address}={list(values)}: {exc}") from exc
+            finally:
+                await self._gap()
+            if rr.isError():
+                raise LinkError(f"write {address}={list(values)}: exception response {rr}")
+            self.requests += 1
+
+    def _require(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+        if self._client is None or not self._client.connected:
+            raise LinkError(f"{self.settings.describe()}: not connected")
+        return self._client
+
+    async def _gap(self) -> None:
+        if self.settings.inter_frame_gap_s:
+            await asyncio.sleep(self.settings.inter_frame_gap_s)
+
+    # --- contract operations ------------------------------------------------------------
+    async def poll(self) -> c.Status:
+        return c.Status.decode(await self.read(c.POLL_BASE, c.POLL_LEN))
+
+    async def read_trigger_ring(self) -> list[c.TriggerEntry]:
+        regs = await self.read(c.TRIGGER_RING_BASE, c.RING_LEN * c.TRIGGER_ENTRY_LEN)
+        return [c.TriggerEntry.decode(regs, i * c.TRIGGER_ENTRY_LEN) for i in range(c.RING_LEN)]
+
+    async def read_result_ring(self) -> list[c.ResultEntry]:
+        regs = await self.read(c.RESULT_RING_BASE, c.RING_LEN * c.RESULT_ENTRY_LEN)
+        return [c.ResultEntry.decode(regs, i * c.RESULT_ENTRY_LEN) for i in range(c.RING_LEN)]
+
+    async def heartbeat(self, value: int) -> None:
+        await self.write(c.REG_AGENT_HEARTBEAT, [value & 0xFFFF])
+
+    async def command(self, counter: int, seq: int, lane: int, ack_timeout_s: float) -> c.AckCode:
+        """Write one lane command and wait for its acknowledgement.
+
+        Returns the controller's AckCode, or AckCode.NONE if no acknowledgement arrived in time
+        (the controller will then apply the default lane: safe).
+        """
+        await self.write(c.MAILBOX_BASE, [counter, seq, lane])
+        deadline = time.monotonic() + ack_timeout_s
+        while True:
+            regs = await self.read(c.REG_ACK_COUNTER, 3)
+            if regs[0] == counter and regs[1] == seq:
+                try:
+                    return c.AckCode(regs[2])
+                except ValueError:
+                    return c.AckCode.NONE
+            if time.monotonic() >= deadline:
+                return c.AckCode.NONE
+            await asyncio.sleep(0.002)
+
+    async def request_mode(self, mode: c.ModeRequest) -> None:
+        await self.write(c.REG_MODE_REQUEST, [int(mode)])
+
+    async def fire_gate(self, gate: int) -> None:
+        await self.write(c.REG_MAINT_FIRE_GATE, [gate])

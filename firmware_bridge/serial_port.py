@@ -1,0 +1,113 @@
+"""Serial transport for barcode readers: pyserial on the asyncio loop.
+
+The port is opened non-blocking and watched with ``loop.add_reader`` on its file descriptor, so
+bytes are handed to the frame decoder the moment they arrive (no polling thread, no added
+latency). A port that fails (USB reader unplugged, device missing) is closed and reopened with a
+doubling delay up to a cap; the failure is reported once and the recovery once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import serial
+
+from firmware_bridge.errors import SerialPortError
+from firmware_bridge.reader_codec import Event, FrameDecoder
+
+__all__ = ["ReaderPort"]
+
+_PARITY = {"N": serial.PARITY_NONE, "E": serial.PARITY_EVEN, "O": serial.PARITY_ODD}
+
+
+class ReaderPort:
+    def __init__(
+        self,
+        name: str,
+        device: str,
+        decoder: FrameDecoder,
+        on_event: Callable[[str, Event, float], None],
+        on_state: Callable[[str, bool, str], None],
+        baudrate: int = 9600,
+        bytesize: int = 8,
+        parity: str = "N",
+        stopbits: int = 1,
+        reopen_max_s: float = 5.0,
+    ) -> None:
+        self.name = name
+        self.device = device
+        self.decoder = decoder
+        self._on_event = on_event
+        self._on_state = on_state
+        self._params = {
+            "baudrate": baudrate,
+            "bytesize": bytesize,
+            "parity": _PARITY[parity],
+            "stopbits": stopbits,
+        }
+        self._reopen_max_s = reopen_max_s
+        self._port: serial.Serial | None = None
+        self._failed: asyncio.Event | None = None
+        self.bytes_in = 0
+
+    def open(self) -> None:
+        try:
+            port = serial.Serial(self.device, timeout=0, exclusive=True, **self._params)
+        except (serial.SerialException, OSError, ValueError) as exc:
+            raise SerialPortError(f"reader {self.name}: cannot open {self.device}: {exc}") from exc
+        self._port = port
+
+    async def run(self) -> None:
+        """Read until cancelled; reopen on failure with capped doubling delay."""
+        loop = asyncio.get_running_loop()
+        delay = 0.1
+        while True:
+            try:
+                if self._port is None:
+                    self.open()
+                assert self._port is not None
+                self._failed = asyncio.Event()
+                loop.add_reader(self._port.fileno(), self._readable)
+                self._on_state(self.name, True, f"open {self.device}")
+                delay = 0.1
+                try:
+                    await self._failed.wait()
+                finally:
+                    self._close(loop)
+            except SerialPortError as exc:
+                self._on_state(self.name, False, str(exc))
+            self._on_state(self.name, False, f"reopening {self.device} in {delay:.1f}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._reopen_max_s)
+
+    def _readable(self) -> None:
+        port = self._port
+        if port is None:
+            return
+        try:
+            data = port.read(max(port.in_waiting, 1))
+        except (serial.SerialException, OSError) as exc:
+            self._on_state(self.name, False, f"read failed: {exc}")
+            if self._failed:
+                self._failed.set()
+            return
+        if not data:
+            return
+        now = time.monotonic()
+        self.bytes_in += len(data)
+        for event in self.decoder.feed(data):
+            self._on_event(self.name, event, now)
+
+    def _close(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._port is not None:
+            try:
+                loop.remove_reader(self._port.fileno())
+            except (ValueError, OSError):
+                pass
+            try:
+                self._port.close()
+            except (serial.SerialException, OSError):
+                pass
+            self._port = None
