@@ -244,6 +244,7 @@ class Status:
     lane_full_bits: int
     watchdog_trips: int
     defaulted_count: int
+    agent_heartbeat: int  # echo of the agent area, so a restarted agent continues the count
 
     @classmethod
     def decode(cls, regs: Sequence[int]) -> Status:
@@ -262,6 +263,7 @@ class Status:
             lane_full_bits=at(REG_LANE_FULL_BITS),
             watchdog_trips=at(REG_WATCHDOG_TRIPS),
             defaulted_count=at(REG_DEFAULTED_COUNT),
+            agent_heartbeat=at(REG_AGENT_HEARTBEAT),
         )
 
     def problems(self) -> tuple[str, ...]:

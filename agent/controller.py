@@ -1,0 +1,153 @@
+"""Controller supervisor: keeps the Modbus link up and turns polls into line events.
+
+One task owns the link's life: connect (identity checked), then poll the status block every
+``poll_interval_ms``, write the agent heartbeat every ``heartbeat_interval_ms``, and read the trigger
+and result rings whenever their heads move. A lost link is retried with doubling delay up to
+``reconnect_max_s``, logged once at error level and once on recovery; while it is down the line is
+unhealthy (every decision is inspection, and the controller's watchdog does the same on its side).
+A contract mismatch is fatal: it is not retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from agent.config import Config
+from agent.line import Line
+from firmware_bridge import contract as c
+from firmware_bridge.errors import ContractMismatch, LinkError
+from firmware_bridge.modbus_link import ControllerLink
+
+log = structlog.get_logger("sortgate.controller")
+
+
+class SpeedEstimator:
+    """Belt speed in encoder counts per second, from successive (time, encoder) samples."""
+
+    def __init__(self, min_span_s: float = 0.05) -> None:
+        self.min_span_s = min_span_s
+        self._ref: tuple[float, int] | None = None
+        self.cps = 0.0
+
+    def update(self, t: float, encoder: int) -> float:
+        if self._ref is None:
+            self._ref = (t, encoder)
+            return self.cps
+        t0, e0 = self._ref
+        if t - t0 >= self.min_span_s:
+            sample = c.encoder_delta(e0, encoder) / (t - t0)
+            # conservative: a faster belt means an earlier deadline, so take rises at once
+            self.cps = sample if sample > self.cps else 0.7 * self.cps + 0.3 * sample
+            self._ref = (t, encoder)
+        return self.cps
+
+
+class ControllerSupervisor:
+    def __init__(self, cfg: Config, link: ControllerLink, line: Line) -> None:
+        self.cfg = cfg
+        self.link = link
+        self.line = line
+        self.speed = SpeedEstimator()
+        self.last_poll_at = 0.0
+        self.status: c.Status | None = None
+        self.connected = asyncio.Event()
+        self.ring_overruns = 0
+
+    def check_identity(self, ident: c.Identity) -> None:
+        """Refuse a controller whose constants do not fit this line's config."""
+        problems = []
+        gates = [lane.gate for lane in self.cfg.lanes if lane.gate is not None]
+        if gates and max(gates) > ident.gate_count:
+            problems.append(f"config uses gate {max(gates)} but the controller has {ident.gate_count}")
+        lanes = [lane.number for lane in self.cfg.lanes]
+        if max(lanes) > ident.lane_count:
+            problems.append(f"config uses lane {max(lanes)} but the controller has {ident.lane_count}")
+        if ident.default_lane != self.cfg.default_lane:
+            problems.append(
+                f"controller default lane {ident.default_lane} != config inspection lane {self.cfg.default_lane}"
+            )
+        if self.cfg.controller.heartbeat_interval_ms * 2 > ident.watchdog_ms:
+            problems.append(
+                f"heartbeat_interval_ms {self.cfg.controller.heartbeat_interval_ms} is more than half the "
+                f"controller watchdog ({ident.watchdog_ms} ms)"
+            )
+        if problems:
+            raise ContractMismatch(f"{self.link.settings.describe()}: " + "; ".join(problems))
+
+    async def run(self) -> None:
+        delay = 0.2
+        failing = False
+        while True:
+            try:
+                ident = await self.link.connect()
+                self.check_identity(ident)
+                self.line.identity = ident
+                log.info(
+                    "controller connected", link=self.link.settings.describe(),
+                    contract=f"{ident.contract_major}.{ident.contract_minor}",
+                    firmware=".".join(map(str, ident.firmware)), counts_per_metre=ident.counts_per_metre,
+                    decision_distance_counts=ident.decision_distance_counts, watchdog_ms=ident.watchdog_ms,
+                )
+                if failing:
+                    log.info("controller link recovered")
+                failing = False
+                delay = 0.2
+                await self._session()
+            except ContractMismatch:
+                raise
+            except LinkError as exc:
+                self.connected.clear()
+                self.line.set_problems(("controller_offline",))
+                if not failing:
+                    log.error("controller link down", error=str(exc), frames=self.link.dump_frames()[-8:])
+                    failing = True
+                else:
+                    log.debug("controller still unreachable", error=str(exc))
+            self.link.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.cfg.controller.reconnect_max_s)
+
+    async def _session(self) -> None:
+        cc = self.cfg.controller
+        poll_s = cc.poll_interval_ms / 1000
+        hb_s = cc.heartbeat_interval_ms / 1000
+        status = await self.link.poll()
+        trigger_head, result_head = status.trigger_head, status.result_head
+        hb = status.agent_heartbeat  # continue from the register: the first write is a change
+        next_hb = 0.0
+        self.connected.set()
+        while True:
+            now = time.monotonic()
+            if now >= next_hb:
+                hb = c.next_seq(hb)
+                await self.link.heartbeat(hb)
+                next_hb = now + hb_s
+            status = await self.link.poll()
+            now = time.monotonic()
+            self.status = status
+            self.last_poll_at = now
+            cps = self.speed.update(now, status.encoder)
+            self.line.set_problems(status.problems())
+            if status.trigger_head != trigger_head:
+                ring = await self.link.read_trigger_ring()
+                seqs = c.ring_entries_between(trigger_head, status.trigger_head)
+                if c.seq_distance(trigger_head, status.trigger_head) > len(seqs):
+                    self.ring_overruns += 1
+                    log.error("trigger ring overrun: parcels missed (they default to inspection)")
+                for seq in seqs:
+                    entry = ring[seq % c.RING_LEN]
+                    if entry.seq == seq:
+                        self.line.on_trigger(entry, status.encoder, cps, now)
+                trigger_head = status.trigger_head
+            if status.result_head != result_head:
+                ring_r = await self.link.read_result_ring()
+                for rseq in c.ring_entries_between(result_head, status.result_head):
+                    entry_r = ring_r[rseq % c.RING_LEN]
+                    if entry_r.rseq == rseq:
+                        self.line.on_result(entry_r)
+                result_head = status.result_head
+            self.line.tick(now)
+            await asyncio.sleep(poll_s)

@@ -1,0 +1,317 @@
+"""The per-parcel pipeline and its deadlines.
+
+For every trigger the controller captures, ``Line`` runs one short task:
+
+1. wait for every reader's frame for that trigger (``ReadMatcher``), but no longer than the read
+   window, and never past the parcel's deadline minus the safety margin;
+2. identify the one valid waybill, look its verdict up in the local store;
+3. ``decide()`` (pure) → lane + reasons;
+4. write the lane to the controller's mailbox and check the acknowledgement.
+
+The deadline comes from the parcel's position: the controller's identity block says how many
+encoder counts lie between the scan point and the decision point; the supervisor measures belt
+speed from the encoder; so ``deadline = seen + remaining_counts / counts_per_second``.
+
+When the controller reports where the parcel went (result ring), the parcel record — the customs
+audit record — is built and handed to the durable outbox, in result order.
+
+Everything here runs on the event loop; nothing blocks (SQLite look-ups are primary-key reads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from agent import messages
+from agent.config import Config
+from agent.decision import (
+    Decision,
+    DecisionInputs,
+    Mode,
+    ReaderOutcome,
+    VerdictLookup,
+    decide,
+    identify,
+)
+from agent.matching import Match, Orphan, ReadMatcher
+from agent.outbox import OutboxPublisher
+from agent.verdicts import VerdictStore
+from firmware_bridge import contract as c
+from firmware_bridge.errors import LinkError
+from firmware_bridge.modbus_link import ControllerLink
+from firmware_bridge.reader_codec import Event, FramingError
+
+log = structlog.get_logger("sortgate.line")
+
+ACK_TIMEOUT_S = 0.1
+
+
+@dataclass
+class Parcel:
+    seq: int
+    trigger: c.TriggerEntry
+    seen_at: float  # monotonic
+    seen_wall: float
+    deadline: float  # monotonic time the parcel reaches the decision point
+    reads: dict[str, ReaderOutcome] = field(default_factory=dict)
+    last_input_at: float = 0.0
+    all_read: asyncio.Event = field(default_factory=asyncio.Event)
+    verdict: VerdictLookup | None = None
+    decision: Decision | None = None
+    decided_at: float | None = None
+    lane: int | None = None
+    ack: str | None = None
+    command_at: float | None = None
+    line_problems: tuple[str, ...] = ()
+    mode: Mode = Mode.NORMAL
+
+
+class Line:
+    def __init__(
+        self,
+        cfg: Config,
+        link: ControllerLink,
+        verdicts: VerdictStore,
+        publisher: OutboxPublisher,
+        config_hash: str,
+    ) -> None:
+        self.cfg = cfg
+        self.link = link
+        self.verdicts = verdicts
+        self.publisher = publisher
+        self.config_hash = config_hash
+        self.readers = [r.name for r in cfg.readers]
+        self.matcher = ReadMatcher(
+            self.readers,
+            {r.name: r.read_window_ms / 1000 for r in cfg.readers},
+            early_s=0.1,
+        )
+        self.margin_s = cfg.decision.safety_margin_ms / 1000
+        self.max_window_s = max(r.read_window_ms for r in cfg.readers) / 1000
+        self.parcels: dict[int, Parcel] = {}
+        self.mode = Mode.NORMAL
+        self.problems: tuple[str, ...] = ("controller_offline",)
+        self.identity: c.Identity | None = None
+        self._cmd_counter = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._records: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.outbox_ok = True
+        self.counters: Counter[str] = Counter()
+        self.latencies_ms: list[float] = []
+
+    # --- health -------------------------------------------------------------------------
+    def set_problems(self, problems: tuple[str, ...]) -> None:
+        if not self.outbox_ok:
+            problems = (*problems, "outbox_unavailable")
+        if problems != self.problems:
+            if problems:
+                log.warning("line unhealthy", problems=list(problems))
+            else:
+                log.info("line healthy")
+            self.problems = problems
+
+    # --- inputs -------------------------------------------------------------------------
+    def on_trigger(self, entry: c.TriggerEntry, encoder_now: int, speed_cps: float, now: float) -> None:
+        assert self.identity is not None
+        travelled = c.encoder_delta(entry.encoder, encoder_now)
+        remaining = self.identity.decision_distance_counts - travelled
+        deadline = now + remaining / max(speed_cps, 1.0)
+        p = Parcel(entry.seq, entry, now, time.time(), deadline, last_input_at=now)
+        self.parcels[entry.seq] = p
+        self.counters["triggers"] += 1
+        t_actual = now - max(travelled, 0) / max(speed_cps, 1.0)
+        self._apply(self.matcher.add_trigger(entry.seq, now, t_actual))
+        task = asyncio.create_task(self._run_parcel(p), name=f"parcel-{entry.seq}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def on_reader_event(self, reader: str, event: Event, t: float) -> None:
+        if isinstance(event, FramingError):
+            self.counters[f"reader_error_{event.kind}"] += 1
+            log.warning(
+                "reader framing error, skipped", reader=reader, kind=event.kind,
+                detail=event.detail, bytes=event.preview(),
+            )
+            return
+        self._apply(self.matcher.add_frame(reader, event, t))
+
+    def tick(self, now: float) -> None:
+        """Periodic: expire read windows."""
+        self._apply(self.matcher.expire(now))
+
+    def _apply(self, events: list[Match | Orphan]) -> None:
+        for ev in events:
+            if isinstance(ev, Orphan):
+                self.counters["orphan_frames"] += 1
+                log.warning("reader frame matched no trigger", reader=ev.reader, codes=list(ev.frame.codes))
+                continue
+            p = self.parcels.get(ev.seq)
+            if p is None or p.decision is not None:
+                continue
+            p.reads[ev.outcome.reader] = ev.outcome
+            if ev.t_frame is not None:
+                p.last_input_at = max(p.last_input_at, ev.t_frame)
+            if len(p.reads) == len(self.readers):
+                p.all_read.set()
+
+    # --- the decision task --------------------------------------------------------------
+    async def _run_parcel(self, p: Parcel) -> None:
+        bound = structlog.contextvars.bound_contextvars(seq=p.seq)
+        with bound:
+            decide_by = min(p.seen_at + self.max_window_s, p.deadline - self.margin_s)
+            try:
+                await asyncio.wait_for(p.all_read.wait(), timeout=max(0.0, decide_by - time.monotonic()))
+            except TimeoutError:
+                pass
+            reads = tuple(p.reads.get(r) or ReaderOutcome(r, timed_out=True) for r in self.readers)
+            waybill, _, _ = identify(reads, tuple(self.cfg.waybill.accept))
+            p.verdict = self.verdicts.lookup(waybill) if waybill else None
+            p.line_problems = self.problems
+            p.mode = self.mode
+            now = time.monotonic()
+            late = now > p.deadline - self.margin_s
+            p.decision = decide(
+                DecisionInputs(
+                    reads=reads,
+                    accept_formats=tuple(self.cfg.waybill.accept),
+                    verdict=p.verdict,
+                    image=None,
+                    line_problems=p.line_problems,
+                    mode=p.mode,
+                    late=late,
+                )
+            )
+            p.decided_at = now
+            p.lane = self.cfg.release_lane if p.decision.released else self.cfg.default_lane
+            self.counters[f"decided_{p.decision.lane.value}"] += 1
+            for reason in p.decision.reasons:
+                self.counters[f"reason_{reason}"] += 1
+            if late:
+                p.ack = "not_sent_late"
+                log.warning("decision late; controller will default to inspection", reasons=p.decision.reasons)
+                return
+            self._cmd_counter = c.next_seq(self._cmd_counter)
+            try:
+                ack = await self.link.command(self._cmd_counter, p.seq, p.lane, ACK_TIMEOUT_S)
+                p.ack = ack.name.lower()
+            except LinkError as exc:
+                p.ack = "link_error"
+                log.error("lane command failed", error=str(exc))
+                return
+            p.command_at = time.monotonic()
+            self.latencies_ms.append((p.command_at - p.last_input_at) * 1000)
+            if ack is not c.AckCode.ACCEPTED:
+                self.counters[f"ack_{p.ack}"] += 1
+                log.warning("lane command not accepted", ack=p.ack, lane=p.lane)
+
+    # --- results and records ------------------------------------------------------------
+    def on_result(self, entry: c.ResultEntry) -> None:
+        p = self.parcels.pop(entry.seq, None)
+        self.counters[f"result_{entry.disposition_name}"] += 1
+        record = self._record(entry.seq, p, entry)
+        self._queue_record(record)
+
+    def sweep_results(self, now: float) -> None:
+        """Parcels whose result never came: record them anyway (an audit trail has no holes)."""
+        limit = self.cfg.health.result_timeout_s
+        for seq, p in list(self.parcels.items()):
+            if now - p.deadline > limit and p.decision is not None:
+                del self.parcels[seq]
+                self.counters["result_missing"] += 1
+                log.error("no result from controller for parcel", seq=seq)
+                self._queue_record(self._record(seq, p, None))
+
+    def _queue_record(self, record: dict[str, Any]) -> None:
+        self._records.put_nowait((record["record_id"], messages.dumps(record)))
+
+    async def run_recorder(self) -> None:
+        """Commit records to the outbox in result order."""
+        topic = messages.topic(self.cfg.topic_root, "parcels")
+        while True:
+            record_id, payload = await self._records.get()
+            while True:
+                try:
+                    await self.publisher.put(record_id, topic, payload)
+                    if not self.outbox_ok:
+                        self.outbox_ok = True
+                        log.info("outbox writable again")
+                    break
+                except Exception as exc:  # noqa: BLE001 - any storage failure stops releases
+                    if self.outbox_ok:
+                        log.error("cannot store parcel record; releasing stops", error=str(exc))
+                    self.outbox_ok = False
+                    self.set_problems(self.problems)
+                    await asyncio.sleep(1.0)
+
+    def _record(self, seq: int, p: Parcel | None, result: c.ResultEntry | None) -> dict[str, Any]:
+        site, line = self.cfg.line.site, self.cfg.line.line
+        encoder = p.trigger.encoder if p else None
+        rec: dict[str, Any] = {
+            "schema": messages.SCHEMA_PARCEL,
+            "record_id": f"{site}:{line}:{seq}:{encoder if encoder is not None else 'r' + str(result.rseq if result else 0)}",
+            "site": site,
+            "line": line,
+            "seq": seq,
+            "recorded_at": messages.iso(),
+            "agent": {"version": messages.agent_version(), "config_hash": self.config_hash},
+        }
+        if p is None:
+            rec["trigger"] = None
+            rec["decision"] = None
+            rec["note"] = "parcel not seen by the agent (started after its trigger)"
+        else:
+            d = p.decision
+            rec["trigger"] = {
+                "encoder": p.trigger.encoder,
+                "length_mm": p.trigger.length_mm,
+                "seen_at": messages.iso(p.seen_wall),
+            }
+            rec["reads"] = [
+                {"reader": r.reader, "codes": list(r.codes), "no_read": r.no_read, "timed_out": r.timed_out}
+                for r in (p.reads.get(name) or ReaderOutcome(name, timed_out=True) for name in self.readers)
+            ]
+            rec["waybill"] = d.waybill if d else None
+            rec["code_checks"] = [
+                {"code": k.code, "valid": k.valid, "format": k.format, "problem": k.problem}
+                for k in (d.code_checks if d else ())
+            ]
+            rec["verdict"] = (
+                {"status": p.verdict.status, "verdict": p.verdict.verdict, "verdict_id": p.verdict.verdict_id}
+                if p.verdict else None
+            )
+            rec["image"] = None
+            rec["line_problems"] = list(p.line_problems)
+            rec["mode"] = p.mode.value
+            rec["decision"] = (
+                {
+                    "lane_class": d.lane.value,
+                    "lane": p.lane,
+                    "reasons": list(d.reasons),
+                    "decision_ms": round(((p.decided_at or p.seen_at) - p.seen_at) * 1000, 2),
+                }
+                if d else None
+            )
+            rec["command"] = {
+                "lane": p.lane,
+                "ack": p.ack,
+                "margin_ms": round((p.deadline - p.command_at) * 1000, 1) if p.command_at else None,
+            }
+        rec["result"] = (
+            {
+                "lane_commanded": result.lane_commanded or None,
+                "lane_reached": result.lane_reached or None,
+                "disposition": result.disposition_name,
+            }
+            if result else {"lane_commanded": None, "lane_reached": None, "disposition": "no_result"}
+        )
+        return rec
+
+    async def drain(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()

@@ -1,0 +1,113 @@
+"""MQTT message formats, version 1: topics, outbound payloads and inbound parsing.
+
+Topics live under one root per line, ``{prefix}/{site}/{line}``:
+
+  parcels    out  QoS 1   one record per parcel (audit record; id is idempotent)
+  alarms     out  QoS 1   line and agent alarms
+  stats      out  QoS 0   periodic counters
+  status     out  QoS 1   retained; birth on connect, last will "offline"
+  verdicts   in   QoS 1   verdict batches pushed by the central system
+  cmd/#      in   QoS 1   commands (later: mode, status request)
+
+Every message carries ``schema`` (name/version). Inbound messages are parsed strictly here and
+never raise: ``parse_verdict_batch`` returns the good items and a list of problems.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+import agent
+
+MAX_INBOUND_BYTES = 1 << 20
+SCHEMA_PARCEL = "sortgate.parcel/1"
+SCHEMA_STATUS = "sortgate.status/1"
+SCHEMA_ALARM = "sortgate.alarm/1"
+SCHEMA_STATS = "sortgate.stats/1"
+SCHEMA_VERDICTS = "sortgate.verdicts/1"
+
+
+def topic(root: str, leaf: str) -> str:
+    return f"{root}/{leaf}"
+
+
+def iso(ts: float | None = None) -> str:
+    return datetime.fromtimestamp(time.time() if ts is None else ts, UTC).isoformat(
+        timespec="milliseconds"
+    ).replace("+00:00", "Z")
+
+
+def status_online(**info: Any) -> dict[str, Any]:
+    return {"schema": SCHEMA_STATUS, "state": "online", "at": iso(), "version": agent.__version__, **info}
+
+
+def status_offline(reason: str) -> dict[str, Any]:
+    return {"schema": SCHEMA_STATUS, "state": "offline", "reason": reason, "version": agent.__version__}
+
+
+def alarm(kind: str, active: bool, detail: str, **extra: Any) -> dict[str, Any]:
+    return {"schema": SCHEMA_ALARM, "alarm": kind, "active": active, "detail": detail, "at": iso(), **extra}
+
+
+# --- inbound: verdict batches -------------------------------------------------------------
+
+
+class VerdictItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    waybill: str = Field(min_length=4, max_length=40, pattern=r"^[A-Za-z0-9 ]+$")
+    verdict: Literal["release", "inspect", "hold"]
+    verdict_id: str = Field(min_length=1, max_length=64)
+    issued_at: datetime
+    expires_at: datetime | None = None
+
+
+class VerdictBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_: Literal["sortgate.verdicts/1"] = Field(alias="schema")
+    batch_id: str = Field(min_length=1, max_length=64)
+    verdicts: list[dict[str, Any]] = Field(max_length=10_000)
+
+
+def parse_verdict_batch(payload: bytes) -> tuple[str | None, list[VerdictItem], list[str]]:
+    """Parse a verdict batch. Returns (batch_id, good items, problems). Never raises."""
+    if len(payload) > MAX_INBOUND_BYTES:
+        return None, [], [f"payload of {len(payload)} bytes exceeds {MAX_INBOUND_BYTES}"]
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, [], [f"not JSON: {exc}"]
+    try:
+        batch = VerdictBatch.model_validate(data)
+    except ValidationError as exc:
+        return None, [], [_first_error(exc)]
+    items, problems = [], []
+    for i, raw in enumerate(batch.verdicts):
+        try:
+            item = VerdictItem.model_validate(raw)
+        except ValidationError as exc:
+            problems.append(f"verdicts[{i}]: {_first_error(exc)}")
+            continue
+        if item.issued_at.tzinfo is None or (item.expires_at and item.expires_at.tzinfo is None):
+            problems.append(f"verdicts[{i}]: timestamps need a timezone")
+            continue
+        items.append(item)
+    return batch.batch_id, items, problems
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(message)"
+    return f"{where}: {err['msg']}"
+
+
+def dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def agent_version() -> str:
+    return agent.__version__

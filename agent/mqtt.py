@@ -1,0 +1,128 @@
+"""MQTT link: paho-mqtt's network thread, bridged to the agent's asyncio loop.
+
+paho runs its own thread (``loop_start``); every callback hops to the event loop with
+``call_soon_threadsafe`` so all agent state stays on one thread. ``connected`` is set only after a
+successful CONNACK (not when a socket opens: Frigate's mistake), and the retained status topic gets
+a birth message on every connect and a last will that marks the agent offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+
+from agent import messages
+
+log = structlog.get_logger("sortgate.mqtt")
+
+
+class MqttLink:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        topic_root: str,
+        keepalive_s: int,
+        reconnect_max_s: float,
+        on_message: Callable[[str, bytes], None],
+        on_ack: Callable[[int], None],
+        birth: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.host, self.port = host, port
+        self.root = topic_root
+        self._on_message = on_message
+        self._on_ack = on_ack
+        self._birth = birth
+        self.connected = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.on_connected: Callable[[], None] | None = None
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+            reconnect_on_failure=True,
+        )
+        c.max_inflight_messages_set(200)
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(min_delay=1, max_delay=max(1, int(reconnect_max_s)))
+        c.will_set(
+            messages.topic(topic_root, "status"),
+            json.dumps(messages.status_offline(reason="connection lost")),
+            qos=1, retain=True,
+        )
+        c.on_connect = self._cb_connect
+        c.on_disconnect = self._cb_disconnect
+        c.on_message = self._cb_message
+        c.on_publish = self._cb_publish
+        self.keepalive_s = keepalive_s
+        self.client = c
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600  # keep our subscriptions across short outages
+        self.client.connect_async(
+            self.host, self.port, keepalive=self.keepalive_s, clean_start=False, properties=props
+        )
+        self.client.loop_start()
+
+    def stop(self, reason: str = "shutdown") -> None:
+        if self.connected.is_set():
+            info = self.client.publish(
+                messages.topic(self.root, "status"),
+                json.dumps(messages.status_offline(reason=reason)), qos=1, retain=True,
+            )
+            try:
+                info.wait_for_publish(timeout=2)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # --- publishing (thread-safe in paho) -----------------------------------------------
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        return info.mid
+
+    # --- paho callbacks (paho thread) ---------------------------------------------------
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _cb_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            self._call(log.error, "mqtt connect refused", reason=str(rc))
+            return
+        client.subscribe(messages.topic(self.root, "verdicts"), qos=1)
+        client.subscribe(messages.topic(self.root, "cmd/#"), qos=1)
+        client.publish(
+            messages.topic(self.root, "status"), json.dumps(self._birth()), qos=1, retain=True
+        )
+        self._call(self._set_connected, True)
+
+    def _cb_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        self._call(self._set_connected, False, str(rc))
+
+    def _set_connected(self, up: bool, reason: str = "") -> None:
+        if up and not self.connected.is_set():
+            log.info("mqtt connected", broker=f"{self.host}:{self.port}")
+            self.connected.set()
+            if self.on_connected:
+                self.on_connected()
+        elif not up and self.connected.is_set():
+            log.error("mqtt disconnected", broker=f"{self.host}:{self.port}", reason=reason)
+            self.connected.clear()
+
+    def _cb_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._call(self._on_message, msg.topic, bytes(msg.payload))
+
+    def _cb_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any) -> None:
+        self._call(self._on_ack, mid)

@@ -1,0 +1,104 @@
+"""Barcode readers on pseudo-terminals.
+
+Each ``SimReader`` owns a pty pair: the simulator writes frames to the master side, and the agent
+opens the slave path (``/dev/pts/N``) exactly as it would open ``/dev/ttyUSB0`` on the floor. The
+slave is put in raw mode so the line discipline passes CR, LF, STX and ETX through untouched.
+
+``NullModem`` bridges two ptys (what tty0tty or ``socat pty,raw pty,raw`` do), so two programs
+that each open a serial device by path — pymodbus's RTU server and client — can talk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import tty
+
+from firmware_bridge.reader_codec import encode_frame
+
+
+def _raw_pty() -> tuple[int, int, str]:
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    os.set_blocking(master, False)
+    return master, slave, os.ttyname(slave)
+
+
+class SimReader:
+    def __init__(
+        self, name: str, prefix: bytes = b"", suffix: bytes = b"\r\n", noread: str = "NoRead",
+        delimiter: str = ";",
+    ) -> None:
+        self.name = name
+        self.prefix, self.suffix, self.noread, self.delimiter = prefix, suffix, noread, delimiter
+        self._master, self._slave, self.path = _raw_pty()
+        self.frames_sent = 0
+
+    def send_raw(self, data: bytes) -> float:
+        """Write bytes to the wire; returns the monotonic time they were written."""
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self._master, view)
+            except BlockingIOError:
+                time.sleep(0.001)  # the agent is not draining; a real UART would drop bytes
+                continue
+            view = view[n:]
+        return time.monotonic()
+
+    def send(self, codes: list[str] | None) -> float:
+        self.frames_sent += 1
+        return self.send_raw(encode_frame(codes, self.prefix, self.suffix, self.noread, self.delimiter))
+
+    def drain(self) -> bytes:
+        """Read whatever the agent sent towards the reader (nothing, normally)."""
+        try:
+            return os.read(self._master, 4096)
+        except (BlockingIOError, OSError):
+            return b""
+
+    def close(self) -> None:
+        for fd in (self._master, self._slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class NullModem:
+    """Two ptys with their masters cross-connected. ``a`` and ``b`` are the device paths."""
+
+    def __init__(self) -> None:
+        self._ma, self._sa, self.a = _raw_pty()
+        self._mb, self._sb, self.b = _raw_pty()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._ma, self._pump, self._ma, self._mb)
+        loop.add_reader(self._mb, self._pump, self._mb, self._ma)
+
+    @staticmethod
+    def _pump(src: int, dst: int) -> None:
+        try:
+            data = os.read(src, 4096)
+        except (BlockingIOError, OSError):
+            return
+        try:
+            os.write(dst, data)
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        loop = asyncio.get_event_loop()
+        for fd in (self._ma, self._mb):
+            try:
+                loop.remove_reader(fd)
+            except (ValueError, OSError):
+                pass
+        for fd in (self._ma, self._sa, self._mb, self._sb):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
