@@ -45,6 +45,7 @@ class MqttLink:
         self.connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_connected: Callable[[], None] | None = None
+        self._stopping = False
         c = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
             reconnect_on_failure=True,
@@ -75,6 +76,7 @@ class MqttLink:
         self.client.loop_start()
 
     def stop(self, reason: str = "shutdown") -> None:
+        self._stopping = True
         if self.connected.is_set():
             info = self.client.publish(
                 messages.topic(self.root, "status"),
@@ -118,7 +120,8 @@ class MqttLink:
             if self.on_connected:
                 self.on_connected()
         elif not up and self.connected.is_set():
-            log.error("mqtt disconnected", broker=f"{self.host}:{self.port}", reason=reason)
+            level = log.info if self._stopping else log.error
+            level("mqtt disconnected", broker=f"{self.host}:{self.port}", reason=reason)
             self.connected.clear()
 
     def _cb_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:

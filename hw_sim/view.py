@@ -1,0 +1,68 @@
+"""A live terminal view of a simulated run, and the ground-truth summary at the end."""
+
+from __future__ import annotations
+
+from typing import IO, Any
+
+from hw_sim.harness import LineRun
+
+_CLEAR = "\x1b[H\x1b[2J"
+
+
+class LiveView:
+    def __init__(self, out: IO[str], plain: bool = False, rows: int = 12) -> None:
+        self.out = out
+        self.plain = plain or not out.isatty()
+        self.rows = rows
+        self._printed = 0
+
+    def update(self, run: LineRun) -> None:
+        done = [t for t in run.truth if t.lane_reached is not None]
+        if self.plain:
+            for t in done[self._printed :]:
+                self.out.write(self._line(run, t) + "\n")
+            self._printed = len(done)
+            self.out.flush()
+            return
+        released = sum(t.reached == "release" for t in done)
+        wrong = sum(t.reached == "release" and t.planned.expected_lane == "inspection" for t in done)
+        records = len(run.central.records) if run.central else 0
+        lines = [
+            f"sortgate sim — {run.spec.site}/{run.spec.line}  belt {run.spec.speed_mps} m/s  "
+            f"{run.spec.rate}/s  controller {run.spec.transport}",
+            f"parcels {len(done)}/{len(run.truth)}   release {released}   inspection {len(done) - released}"
+            f"   wrongly released {wrong}   records {records}",
+            "",
+            f"{'seq':>5}  {'waybill':<22} {'label':<9} {'verdict':<8} {'lane':<10} {'disposition':<22} {'ms':>6}",
+        ]
+        lines += [self._line(run, t) for t in done[-self.rows :]]
+        self.out.write(_CLEAR + "\n".join(lines) + "\n")
+        self.out.flush()
+
+    @staticmethod
+    def _line(run: LineRun, t: Any) -> str:
+        p = t.planned
+        ms = f"{t.decision_ms:6.1f}" if t.decision_ms is not None else "     -"
+        seq = t.tracked.seq if t.tracked else 0
+        return (
+            f"{seq:>5}  {p.codes[0]:<22} {p.label:<9} {p.verdict:<8} {t.reached:<10} "
+            f"{t.disposition or '-':<22} {ms}"
+        )
+
+    def summary(self, run: LineRun, metrics: dict[str, Any]) -> None:
+        if not self.plain:
+            self.update(run)
+        m = metrics
+        self.out.write(
+            "\nGround truth\n"
+            f"  parcels            {m['parcels']}\n"
+            f"  had to be released {m['expected_release']}   released {m['released']}\n"
+            f"  inspected          {m['inspected']}\n"
+            f"  wrongly released   {m['wrongly_released']}\n"
+            f"  missorted          {m['missorted']}\n"
+            f"  late (defaulted)   {m['late']}\n"
+            f"  records published  {m['records_published']}\n"
+            f"  decision ms        p50 {m['decision_ms']['p50']}  p99 {m['decision_ms']['p99']}  max {m['decision_ms']['max']}\n"
+            f"  agent              rss {m.get('rss_mb')} MB, cpu {m.get('cpu_ms_per_parcel')} ms/parcel\n"
+        )
+        self.out.flush()

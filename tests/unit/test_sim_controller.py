@@ -1,0 +1,134 @@
+"""The simulated controller's rules (the reference for PLC programmers), driven by a fake clock."""
+
+from __future__ import annotations
+
+from hw_sim.controller import ControllerModel, ControllerParams
+from firmware_bridge import contract as c
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def model(**kw: object) -> tuple[ControllerModel, Clock]:
+    clock = Clock()
+    m = ControllerModel(ControllerParams(**kw), clock=clock)  # type: ignore[arg-type]
+    return m, clock
+
+
+def heartbeat(m: ControllerModel, value: int) -> None:
+    assert m.on_write(c.REG_AGENT_HEARTBEAT, [value]) is None
+
+
+def command(m: ControllerModel, counter: int, seq: int, lane: int) -> c.AckCode:
+    assert m.on_write(c.MAILBOX_BASE, [counter, seq, lane]) is None
+    assert m.regs[c.REG_ACK_COUNTER] == counter and m.regs[c.REG_ACK_SEQ] == seq
+    return c.AckCode(m.regs[c.REG_ACK_CODE])
+
+
+def test_powers_up_tripped_until_first_heartbeat() -> None:
+    m, clock = model()
+    m.tick()
+    assert m.status & c.StatusBit.WATCHDOG_TRIPPED
+    heartbeat(m, 1)
+    assert not m.status & c.StatusBit.WATCHDOG_TRIPPED
+
+
+def test_accepted_release_command_is_obeyed() -> None:
+    m, clock = model()
+    heartbeat(m, 1)
+    t = m.trigger(150)
+    assert command(m, 1, t.seq, 2) is c.AckCode.ACCEPTED
+    clock.t += m.decision_delay_s()
+    assert m.decision_point(t.seq).lane_reached == 2
+    clock.t += 0.2
+    entry = m.lane_exit(t.seq)
+    assert (entry.lane_commanded, entry.lane_reached, entry.disposition) == (2, 2, c.Disposition.SORTED)
+    assert m.regs[c.REG_RESULT_HEAD] == entry.rseq
+
+
+def test_no_command_defaults_to_inspection() -> None:
+    m, clock = model()
+    heartbeat(m, 1)
+    t = m.trigger(150)
+    clock.t += m.decision_delay_s()
+    assert m.decision_point(t.seq).lane_reached == 1
+    assert m.lane_exit(t.seq).disposition == c.Disposition.DEFAULTED_NO_COMMAND
+
+
+def test_late_command_is_refused_by_encoder_position() -> None:
+    m, clock = model()
+    heartbeat(m, 1)
+    t = m.trigger(150)
+    clock.t += m.decision_delay_s() + 0.001  # past the decision point, not yet processed
+    heartbeat(m, 2)
+    assert command(m, 1, t.seq, 2) is c.AckCode.LATE
+    assert m.decision_point(t.seq).lane_reached == 1
+
+
+def test_watchdog_trips_and_parcels_triggered_while_tripped_stay_default() -> None:
+    m, clock = model(watchdog_ms=500)
+    heartbeat(m, 1)
+    clock.t += 0.6
+    m.tick()
+    assert m.status & c.StatusBit.WATCHDOG_TRIPPED
+    assert m.regs[c.REG_WATCHDOG_TRIPS] == 1
+    t = m.trigger(150)
+    heartbeat(m, 2)  # agent is back
+    assert command(m, 1, t.seq, 2) is c.AckCode.WATCHDOG
+    clock.t += m.decision_delay_s()
+    assert m.decision_point(t.seq).lane_reached == 1
+    assert m.lane_exit(t.seq).disposition == c.Disposition.DEFAULTED_WATCHDOG
+
+
+def test_accepted_command_is_overridden_by_trip_before_decision_point() -> None:
+    m, clock = model(watchdog_ms=500)
+    heartbeat(m, 1)
+    t = m.trigger(150)
+    assert command(m, 1, t.seq, 2) is c.AckCode.ACCEPTED
+    clock.t += 0.6  # agent dies before the parcel reaches the gates
+    assert m.decision_point(t.seq).lane_reached == 1
+
+
+def test_faults_default_and_writes_outside_agent_areas_are_refused() -> None:
+    m, clock = model()
+    heartbeat(m, 1)
+    m.set_fault_bits(c.StatusBit.ESTOP, True)
+    t = m.trigger(150)
+    assert command(m, 1, t.seq, 2) is c.AckCode.ACCEPTED
+    clock.t += m.decision_delay_s()
+    m.decision_point(t.seq)
+    assert m.lane_exit(t.seq).disposition == c.Disposition.DEFAULTED_FAULT
+    assert m.on_write(c.REG_STATUS_BITS, [0]) is not None
+    assert m.on_write(c.TRIGGER_RING_BASE, [1, 2]) is not None
+    assert m.on_write(c.REG_CMD_LANE, [1, 2]) is not None  # spills past the mailbox
+
+
+def test_bad_lane_unknown_seq_and_maintenance() -> None:
+    m, clock = model()
+    heartbeat(m, 1)
+    t = m.trigger(150)
+    assert command(m, 1, t.seq, 9) is c.AckCode.BAD_LANE
+    assert command(m, 2, 999, 2) is c.AckCode.UNKNOWN_SEQ
+    m.on_write(c.REG_MODE_REQUEST, [1])
+    assert m.status & c.StatusBit.MAINTENANCE
+    assert command(m, 3, t.seq, 2) is c.AckCode.MAINTENANCE
+    m.on_write(c.REG_MAINT_FIRE_GATE, [1])
+    assert m.gate_fires and m.gate_fires[-1][1] == 1
+    assert m.regs[c.REG_MAINT_FIRE_GATE] == 0
+
+
+def test_stuck_gate_shows_as_missorted() -> None:
+    m, clock = model()
+    heartbeat(m, 1)
+    m.faults.add("gate_stuck")
+    t = m.trigger(150)
+    command(m, 1, t.seq, 2)
+    clock.t += m.decision_delay_s()
+    m.decision_point(t.seq)
+    entry = m.lane_exit(t.seq)
+    assert (entry.lane_commanded, entry.lane_reached, entry.disposition) == (2, 1, c.Disposition.MISSORTED)
