@@ -58,6 +58,7 @@ class RunSpec:
     site: str = "SIM"
     line: str = "L1"
     extra_config: str = ""  # appended TOML (tests of config handling)
+    controller_overrides: dict[str, Any] = field(default_factory=dict)  # ControllerParams fields
 
 
 @dataclass
@@ -168,7 +169,7 @@ class LineRun:
         self.model = ControllerModel(
             ControllerParams(
                 speed_mps=spec.speed_mps, decision_distance_m=spec.decision_distance_m,
-                watchdog_ms=spec.watchdog_ms,
+                watchdog_ms=spec.watchdog_ms, **spec.controller_overrides,
             )
         )
         self.readers = [SimReader(f"reader{i + 1}", *self._framing()) for i in range(spec.readers)]
@@ -193,8 +194,10 @@ class LineRun:
         if self.spec.transport == "rtu":
             modem = NullModem()
             modem.start()
-            server = await serve_rtu(self.model, modem.a)
-            return server, f'transport = "rtu"\ndevice = "{modem.b}"\nbaudrate = 115200\nparity = "E"', modem
+            # Linux ptys drop the parity flag (and pyserial's re-configure then fails), so the
+            # simulated RS-485 line runs 8N1, a common RTU setting; real ports keep their parity.
+            server = await serve_rtu(self.model, modem.a, baudrate=115200, parity="N")
+            return server, f'transport = "rtu"\ndevice = "{modem.b}"\nbaudrate = 115200\nparity = "N"', modem
         server, port = await serve_tcp(self.model)
         return server, f'transport = "tcp"\nhost = "127.0.0.1"\nport = {port}', None
 
