@@ -192,6 +192,7 @@ class Line:
             self.counters[f"decided_{p.decision.lane.value}"] += 1
             for reason in p.decision.reasons:
                 self.counters[f"reason_{reason}"] += 1
+            log.debug("decided", waybill=p.decision.waybill, lane=p.lane, reasons=p.decision.reasons)
             if late:
                 p.ack = "not_sent_late"
                 log.warning("decision late; controller will default to inspection", reasons=p.decision.reasons)

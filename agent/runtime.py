@@ -131,17 +131,21 @@ class Agent:
                 log.warning("unhandled inbound topic", topic=topic)
 
     async def _housekeeping(self) -> None:
-        wd = self.notifier.watchdog_s
+        # systemd restarts us if the loop stalls for WatchdogSec: ping at a quarter of it
+        ping_every = self.notifier.watchdog_s / 4 if self.notifier.watchdog_s else None
+        next_ping = 0.0
         next_stats = time.monotonic() + self.cfg.health.stats_interval_s
         while True:
             now = time.monotonic()
             self.line.tick(now)
             self.line.sweep_results(now)
-            self.notifier.watchdog()
+            if ping_every and now >= next_ping:
+                self.notifier.watchdog()
+                next_ping = now + ping_every
             if now >= next_stats:
                 next_stats = now + self.cfg.health.stats_interval_s
                 self._publish_stats()
-            await asyncio.sleep(min(0.05, wd / 2 if wd else 0.05))
+            await asyncio.sleep(0.05)
 
     def _publish_stats(self) -> None:
         lat = sorted(self.line.latencies_ms[-2000:])
@@ -173,7 +177,7 @@ class Agent:
                 tg.create_task(self.publisher.run(), name="outbox")
                 tg.create_task(self._inbound_loop(), name="verdicts")
                 tg.create_task(self._housekeeping(), name="housekeeping")
-                tg.create_task(self._ready_when_connected(), name="ready")
+                tg.create_task(self._report_readiness(), name="readiness")
                 # A failing task (a contract mismatch in "controller") cancels this wait and
                 # leaves the TaskGroup as an exception group; a signal ends it with _Stop.
                 await stop.wait()
@@ -187,9 +191,17 @@ class Agent:
             self.verdicts.close()
             self.link.close()
 
-    async def _ready_when_connected(self) -> None:
-        await self.supervisor.connected.wait()
-        self.notifier.ready(f"controller {self.link.settings.describe()} connected")
+    async def _report_readiness(self) -> None:
+        # Ready as soon as every task runs: an agent whose PLC is off must still be up, reporting
+        # "controller offline" (and the controller defaults every parcel meanwhile).
+        link = self.link.settings.describe()
+        self.notifier.ready(f"waiting for controller {link}")
+        while True:
+            await self.supervisor.connected.wait()
+            self.notifier.status(f"controller {link} connected")
+            while self.supervisor.connected.is_set():
+                await asyncio.sleep(0.5)
+            self.notifier.status(f"controller {link} offline; reconnecting")
 
 
 class _Stop(Exception):

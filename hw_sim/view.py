@@ -16,12 +16,24 @@ class LiveView:
         self.rows = rows
         self._printed = 0
 
+    HEADER = (
+        f"{'seq':>5}  {'waybill':<22} {'label':<9} {'verdict':<8} {'lane':<10} "
+        f"{'disposition':<21} {'ms':>5}  agent's reasons"
+    )
+
     def update(self, run: LineRun) -> None:
         done = [t for t in run.truth if t.lane_reached is not None]
+        records = run.central.records_by_seq() if run.central else {}
         if self.plain:
-            for t in done[self._printed :]:
-                self.out.write(self._line(run, t) + "\n")
-            self._printed = len(done)
+            if self._printed == 0 and done:
+                self.out.write(self.HEADER + "\n")
+            # a row is printed once its record has arrived (or it is long overdue)
+            while self._printed < len(done):
+                t = done[self._printed]
+                if t.tracked and t.tracked.seq not in records and len(done) - self._printed < 20:
+                    break
+                self.out.write(self._line(t, records) + "\n")
+                self._printed += 1
             self.out.flush()
             return
         released = sum(t.reached == "release" for t in done)
@@ -33,24 +45,28 @@ class LiveView:
             f"parcels {len(done)}/{len(run.truth)}   release {released}   inspection {len(done) - released}"
             f"   wrongly released {wrong}   records {records}",
             "",
-            f"{'seq':>5}  {'waybill':<22} {'label':<9} {'verdict':<8} {'lane':<10} {'disposition':<22} {'ms':>6}",
+            self.HEADER,
         ]
-        lines += [self._line(run, t) for t in done[-self.rows :]]
+        lines += [self._line(t, records) for t in done[-self.rows :]]
         self.out.write(_CLEAR + "\n".join(lines) + "\n")
         self.out.flush()
 
     @staticmethod
-    def _line(run: LineRun, t: Any) -> str:
+    def _line(t: Any, records: dict[int, dict[str, Any]]) -> str:
         p = t.planned
-        ms = f"{t.decision_ms:6.1f}" if t.decision_ms is not None else "     -"
+        ms = f"{t.decision_ms:5.1f}" if t.decision_ms is not None else "    -"
         seq = t.tracked.seq if t.tracked else 0
+        rec = records.get(seq)
+        reasons = ",".join(rec["decision"]["reasons"]) if rec and rec.get("decision") else "…"
         return (
             f"{seq:>5}  {p.codes[0]:<22} {p.label:<9} {p.verdict:<8} {t.reached:<10} "
-            f"{t.disposition or '-':<22} {ms}"
+            f"{t.disposition or '-':<21} {ms}  {reasons}"
         )
 
     def summary(self, run: LineRun, metrics: dict[str, Any]) -> None:
-        if not self.plain:
+        if self.plain:
+            self._printed_all(run)
+        else:
             self.update(run)
         m = metrics
         self.out.write(
@@ -66,3 +82,10 @@ class LiveView:
             f"  agent              rss {m.get('rss_mb')} MB, cpu {m.get('cpu_ms_per_parcel')} ms/parcel\n"
         )
         self.out.flush()
+
+    def _printed_all(self, run: LineRun) -> None:
+        records = run.central.records_by_seq() if run.central else {}
+        done = [t for t in run.truth if t.lane_reached is not None]
+        for t in done[self._printed :]:
+            self.out.write(self._line(t, records) + "\n")
+        self._printed = len(done)
