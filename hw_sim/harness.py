@@ -250,6 +250,8 @@ class LineRun:
             progress = asyncio.create_task(self._progress(), name="progress")
             await feeder
             await self._settle()
+            if progress.done():
+                progress.result()  # a failing progress callback must not fail silently
             progress.cancel()
             pusher.cancel()
             return self._compute()

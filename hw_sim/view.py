@@ -38,12 +38,11 @@ class LiveView:
             return
         released = sum(t.reached == "release" for t in done)
         wrong = sum(t.reached == "release" and t.planned.expected_lane == "inspection" for t in done)
-        records = len(run.central.records) if run.central else 0
         lines = [
             f"sortgate sim — {run.spec.site}/{run.spec.line}  belt {run.spec.speed_mps} m/s  "
             f"{run.spec.rate}/s  controller {run.spec.transport}",
             f"parcels {len(done)}/{len(run.truth)}   release {released}   inspection {len(done) - released}"
-            f"   wrongly released {wrong}   records {records}",
+            f"   wrongly released {wrong}   records {len(records)}",
             "",
             self.HEADER,
         ]

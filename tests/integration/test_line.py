@@ -6,6 +6,7 @@ simulator's side: where every parcel physically went, and what the records say.
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
@@ -149,3 +150,28 @@ async def test_contract_version_mismatch_refuses_to_run(broker: Mosquitto, line_
     text = str(err.value)
     assert "agent exited with 3" in text
     assert "contract version 2.0 is not supported" in text
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_live_view_and_summary_show_every_parcel(broker: Mosquitto, line_name: str) -> None:
+    from hw_sim.view import LiveView
+
+    screen = _Tty()
+    view = LiveView(screen)
+    plan = make_plan(15, rate=8, seed=16, mix=Mix(reader_misread=0.0))
+    run, m = await run_line(RunSpec(plan=plan, line=line_name, rate=8), broker=broker,
+                            on_progress=view.update, keep=True)
+    try:
+        view.summary(run, m)
+        text = screen.getvalue()
+        last_frame = text.rsplit("\x1b[H\x1b[2J", 1)[-1]
+        assert "parcels 15/15" in last_frame
+        assert f"records {m['records_published']}" in last_frame
+        assert "release_verdict" in last_frame  # the agent's reasons, from the records
+        assert "wrongly released   0" in text
+    finally:
+        run.cleanup()
