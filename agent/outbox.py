@@ -17,10 +17,11 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
+
+from agent.sqlite_store import SqliteStore
 
 log = structlog.get_logger("sortgate.outbox")
 
@@ -39,60 +40,37 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 class Outbox:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-writer")
-        self._writer: sqlite3.Connection | None = None
-        self._writer_pool.submit(self._open_writer).result()
-        self._reader = sqlite3.connect(path, isolation_level=None)
-        self._reader.execute("PRAGMA journal_mode=WAL")
-
-    def _open_writer(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(_SCHEMA)
-        self._writer = conn
-
-    def _add(self, record_id: str, topic: str, payload: bytes) -> int:
-        assert self._writer is not None
-        cur = self._writer.execute(
-            "INSERT INTO outbox(record_id, topic, payload, created) VALUES (?,?,?,?)",
-            (record_id, topic, payload, time.time()),
-        )
-        return int(cur.lastrowid or 0)
-
-    def _remove(self, row_ids: list[int]) -> None:
-        assert self._writer is not None
-        self._writer.executemany("DELETE FROM outbox WHERE id = ?", [(r,) for r in row_ids])
+        self.db = SqliteStore(path, _SCHEMA, synchronous="FULL", thread_name="outbox-writer")
 
     async def add(self, record_id: str, topic: str, payload: bytes) -> int:
         """Commit a record durably; returns its row id."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer_pool, self._add, record_id, topic, payload)
+
+        def insert(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO outbox(record_id, topic, payload, created) VALUES (?,?,?,?)",
+                (record_id, topic, payload, time.time()),
+            )
+            return int(cur.lastrowid or 0)
+
+        return await self.db.write(insert)
 
     async def remove(self, row_ids: list[int]) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer_pool, self._remove, row_ids)
+        def delete(conn: sqlite3.Connection) -> None:
+            conn.executemany("DELETE FROM outbox WHERE id = ?", [(r,) for r in row_ids])
+
+        await self.db.write(delete)
 
     def fetch_after(self, row_id: int, limit: int) -> list[tuple[int, str, bytes]]:
-        rows = self._reader.execute(
+        rows = self.db.read(
             "SELECT id, topic, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (row_id, limit)
-        ).fetchall()
+        )
         return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
 
     def count(self) -> int:
-        return int(self._reader.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        return int(self.db.read("SELECT COUNT(*) FROM outbox")[0][0])
 
     def close(self) -> None:
-        self._reader.close()
-
-        def _close_writer() -> None:
-            if self._writer is not None:
-                self._writer.close()
-
-        self._writer_pool.submit(_close_writer).result()
-        self._writer_pool.shutdown()
+        self.db.close()
 
 
 class OutboxPublisher:

@@ -10,14 +10,13 @@ connection (WAL) and are a primary-key read, fast enough for the per-parcel hot 
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from agent.decision import VerdictLookup
 from agent.messages import VerdictItem
+from agent.sqlite_store import SqliteStore
 from agent.waybill import normalize
 
 _SCHEMA = """
@@ -34,70 +33,51 @@ CREATE TABLE IF NOT EXISTS verdicts (
 
 class VerdictStore:
     def __init__(self, path: Path, default_ttl_s: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
+        # synchronous=NORMAL: a verdict lost in a power cut means inspection, which is safe
+        self.db = SqliteStore(path, _SCHEMA, synchronous="NORMAL", thread_name="verdict-writer")
         self.default_ttl_s = default_ttl_s
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verdict-writer")
-        self._writer: sqlite3.Connection | None = None
-        self._pool.submit(self._open_writer).result()
-        self._reader = sqlite3.connect(path, isolation_level=None)
 
-    def _open_writer(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")  # a lost verdict means inspection: safe
-        conn.executescript(_SCHEMA)
-        self._writer = conn
-
-    def _store(self, items: list[VerdictItem]) -> int:
-        assert self._writer is not None
+    async def store(self, items: list[VerdictItem]) -> int:
+        """Store a batch; returns how many rows were inserted or superseded."""
         now = time.time()
         rows = []
         for it in items:
             issued = it.issued_at.timestamp()
             expires = it.expires_at.timestamp() if it.expires_at else issued + self.default_ttl_s
             rows.append((normalize(it.waybill), it.verdict, it.verdict_id, issued, expires, now))
-        self._writer.execute("BEGIN")
-        before = self._writer.total_changes
-        self._writer.executemany(
-            """INSERT INTO verdicts(waybill, verdict, verdict_id, issued_at, expires_at, received_at)
-               VALUES (?,?,?,?,?,?)
-               ON CONFLICT(waybill) DO UPDATE SET
-                 verdict=excluded.verdict, verdict_id=excluded.verdict_id,
-                 issued_at=excluded.issued_at, expires_at=excluded.expires_at,
-                 received_at=excluded.received_at
-               WHERE excluded.issued_at > verdicts.issued_at""",
-            rows,
-        )
-        self._writer.execute("COMMIT")
-        return self._writer.total_changes - before
 
-    async def store(self, items: list[VerdictItem]) -> int:
-        """Store a batch; returns how many rows were inserted or superseded."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._store, items)
+        def upsert(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN")
+            before = conn.total_changes
+            conn.executemany(
+                """INSERT INTO verdicts(waybill, verdict, verdict_id, issued_at, expires_at, received_at)
+                   VALUES (?,?,?,?,?,?)
+                   ON CONFLICT(waybill) DO UPDATE SET
+                     verdict=excluded.verdict, verdict_id=excluded.verdict_id,
+                     issued_at=excluded.issued_at, expires_at=excluded.expires_at,
+                     received_at=excluded.received_at
+                   WHERE excluded.issued_at > verdicts.issued_at""",
+                rows,
+            )
+            conn.execute("COMMIT")
+            return conn.total_changes - before
+
+        return await self.db.write(upsert)
 
     def lookup(self, waybill: str, now: float | None = None) -> VerdictLookup:
-        row = self._reader.execute(
+        rows = self.db.read(
             "SELECT verdict, verdict_id, expires_at FROM verdicts WHERE waybill = ?",
             (normalize(waybill),),
-        ).fetchone()
-        if row is None:
+        )
+        if not rows:
             return VerdictLookup("miss")
-        verdict, verdict_id, expires_at = row
+        verdict, verdict_id, expires_at = rows[0]
         if (now or time.time()) > expires_at:
             return VerdictLookup("expired", verdict, verdict_id)
         return VerdictLookup("hit", verdict, verdict_id)
 
     def count(self) -> int:
-        return int(self._reader.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0])
+        return int(self.db.read("SELECT COUNT(*) FROM verdicts")[0][0])
 
     def close(self) -> None:
-        self._reader.close()
-
-        def _close() -> None:
-            if self._writer is not None:
-                self._writer.close()
-
-        self._pool.submit(_close).result()
-        self._pool.shutdown()
+        self.db.close()

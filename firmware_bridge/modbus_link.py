@@ -19,7 +19,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
@@ -130,36 +131,34 @@ class ControllerLink:
         return self._client is not None and self._client.connected
 
     # --- requests -----------------------------------------------------------------------
-    async def read(self, address: int, count: int) -> list[int]:
+    async def _transact(self, what: str, request: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Run one request under the link lock; any failure becomes a LinkError."""
         async with self._lock:
             client = self._require()
             try:
-                rr = await client.read_holding_registers(
-                    address, count=count, device_id=self.settings.unit_id
-                )
+                rr = await request(client)
             except (ModbusException, OSError, asyncio.TimeoutError) as exc:
-                raise LinkError(f"read {address}+{count}: {exc}") from exc
+                raise LinkError(f"{what}: {exc}") from exc
             finally:
                 await self._gap()
             if rr.isError():
-                raise LinkError(f"read {address}+{count}: exception response {rr}")
+                raise LinkError(f"{what}: exception response {rr}")
             self.requests += 1
-            return list(rr.registers)
+            return rr
+
+    async def read(self, address: int, count: int) -> list[int]:
+        unit = self.settings.unit_id
+        rr = await self._transact(
+            f"read {address}+{count}",
+            lambda cl: cl.read_holding_registers(address, count=count, device_id=unit),
+        )
+        return list(rr.registers)
 
     async def write(self, address: int, values: Sequence[int]) -> None:
-        async with self._lock:
-            client = self._require()
-            try:
-                rr = await client.write_registers(
-                    address, list(values), device_id=self.settings.unit_id
-                )
-            except (ModbusException, OSError, asyncio.TimeoutError) as exc:
-                raise LinkError(f"write {address}={list(values)}: {exc}") from exc
-            finally:
-                await self._gap()
-            if rr.isError():
-                raise LinkError(f"write {address}={list(values)}: exception response {rr}")
-            self.requests += 1
+        unit, regs = self.settings.unit_id, list(values)
+        await self._transact(
+            f"write {address}={regs}", lambda cl: cl.write_registers(address, regs, device_id=unit)
+        )
 
     def _require(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
         if self._client is None or not self._client.connected:

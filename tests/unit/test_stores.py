@@ -1,0 +1,95 @@
+"""Verdict store and outbox on a real SQLite file (no wires)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from agent.messages import VerdictItem
+from agent.outbox import Outbox, OutboxPublisher
+from agent.verdicts import VerdictStore
+
+T0 = datetime(2026, 11, 30, 8, 0, tzinfo=UTC)
+
+
+def item(waybill: str, verdict: str, issued: datetime, expires: datetime | None = None) -> VerdictItem:
+    return VerdictItem(waybill=waybill, verdict=verdict, verdict_id=f"{verdict}-{issued.minute}",  # type: ignore[arg-type]
+                       issued_at=issued, expires_at=expires)
+
+
+async def test_newer_verdict_supersedes_and_older_one_is_ignored(tmp_path: Path) -> None:
+    store = VerdictStore(tmp_path / "v.sqlite", default_ttl_s=86_400)
+    now = (T0 + timedelta(hours=1)).timestamp()
+    try:
+        assert await store.store([item("RB123456785GB", "hold", T0)]) == 1
+        assert store.lookup("RB123456785GB", now).verdict == "hold"
+        # the duty was paid: released later the same day
+        assert await store.store([item("rb 123456785 gb", "release", T0 + timedelta(minutes=30))]) == 1
+        hit = store.lookup("RB123456785GB", now)
+        assert (hit.status, hit.verdict, hit.verdict_id) == ("hit", "release", "release-30")
+        # a stale "inspect" from before arrives late: ignored
+        assert await store.store([item("RB123456785GB", "inspect", T0 + timedelta(minutes=10))]) == 0
+        assert store.lookup("RB123456785GB", now).verdict == "release"
+        assert store.lookup("EE000000005CN", now).status == "miss"
+    finally:
+        store.close()
+
+
+async def test_expired_verdict_is_reported_as_expired(tmp_path: Path) -> None:
+    store = VerdictStore(tmp_path / "v.sqlite", default_ttl_s=3600)
+    try:
+        await store.store([item("A1234", "release", T0, T0 + timedelta(minutes=5)), item("B1234", "release", T0)])
+        later = (T0 + timedelta(minutes=6)).timestamp()
+        assert store.lookup("A1234", later).status == "expired"
+        assert store.lookup("B1234", later).status == "hit"  # default TTL of an hour
+        assert store.lookup("B1234", (T0 + timedelta(hours=2)).timestamp()).status == "expired"
+    finally:
+        store.close()
+
+
+async def test_outbox_publishes_in_order_within_window_and_deletes_on_ack(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.sqlite")
+    sent: list[tuple[int, bytes]] = []
+
+    def publish(topic: str, payload: bytes) -> int:
+        sent.append((len(sent) + 1, payload))
+        return len(sent)  # the mid
+
+    pub = OutboxPublisher(outbox, publish, window=3)
+    task = asyncio.create_task(pub.run())
+    try:
+        for i in range(5):
+            await pub.put(f"r{i}", "t/parcels", f"p{i}".encode())
+        await asyncio.sleep(0.05)
+        assert [p for _, p in sent] == [b"p0", b"p1", b"p2"]  # window of 3 in flight
+        assert outbox.count() == 5  # nothing removed before an ack
+        pub.on_ack(1)
+        pub.on_ack(2)
+        await asyncio.sleep(0.05)
+        assert [p for _, p in sent] == [b"p0", b"p1", b"p2", b"p3", b"p4"]
+        assert outbox.count() == 3
+    finally:
+        task.cancel()
+        outbox.close()
+
+
+async def test_outbox_replays_unacked_records_in_order_after_restart(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    outbox = Outbox(path)
+    for i in range(4):
+        await outbox.add(f"r{i}", "t", f"p{i}".encode())
+    await outbox.remove([1, 2])  # acknowledged before the "crash"
+    outbox.close()
+
+    outbox = Outbox(path)
+    sent: list[bytes] = []
+    pub = OutboxPublisher(outbox, lambda t, p: sent.append(p) or len(sent))
+    task = asyncio.create_task(pub.run())
+    pub.on_connected()
+    try:
+        await asyncio.sleep(0.05)
+        assert sent == [b"p2", b"p3"]
+    finally:
+        task.cancel()
+        outbox.close()
