@@ -129,7 +129,15 @@ class Line:
         self._apply(self.matcher.add_trigger(entry.seq, now, t_actual))
         task = asyncio.create_task(self._run_parcel(p), name=f"parcel-{entry.seq}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._parcel_done)
+
+    def _parcel_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The parcel got no command, so the controller defaults it to inspection; the
+            # sweep records it. A bug here must be loud, never silent.
+            self.counters["parcel_task_errors"] += 1
+            log.error("parcel task failed", task=task.get_name(), error=repr(task.exception()))
 
     def on_reader_event(self, reader: str, event: Event, t: float) -> None:
         if isinstance(event, FramingError):
@@ -222,7 +230,7 @@ class Line:
         """Parcels whose result never came: record them anyway (an audit trail has no holes)."""
         limit = self.cfg.health.result_timeout_s
         for seq, p in list(self.parcels.items()):
-            if now - p.deadline > limit and p.decision is not None:
+            if now - p.deadline > limit:
                 del self.parcels[seq]
                 self.counters["result_missing"] += 1
                 log.error("no result from controller for parcel", seq=seq)
