@@ -155,6 +155,12 @@ _VERDICT_REASONS: Mapping[str, Reason] = {
 }
 
 
+_MODE_REASONS: Mapping[Mode, Reason] = {
+    Mode.INSPECT_ALL: Reason.MODE_INSPECT_ALL,
+    Mode.MAINTENANCE: Reason.MODE_MAINTENANCE,
+}
+
+
 def decide(inputs: DecisionInputs) -> Decision:
     """Decide the lane. Pure: same inputs, same decision; never raises on odd inputs."""
     waybill, reasons, checks = identify(inputs.reads, inputs.accept_formats)
@@ -183,12 +189,8 @@ def decide(inputs: DecisionInputs) -> Decision:
 
     if inputs.line_problems:
         reasons.append(Reason.LINE_UNHEALTHY)
-    if inputs.mode is Mode.INSPECT_ALL:
-        reasons.append(Reason.MODE_INSPECT_ALL)
-    elif inputs.mode is Mode.MAINTENANCE:
-        reasons.append(Reason.MODE_MAINTENANCE)
-    elif inputs.mode is not Mode.NORMAL:
-        reasons.append(Reason.MODE_MAINTENANCE)
+    if inputs.mode is not Mode.NORMAL:
+        reasons.append(_MODE_REASONS.get(inputs.mode, Reason.MODE_MAINTENANCE))
     if inputs.late:
         reasons.append(Reason.LATE)
 

@@ -320,7 +320,3 @@ class Line:
             if result else {"lane_commanded": None, "lane_reached": None, "disposition": "no_result"}
         )
         return rec
-
-    async def drain(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
