@@ -110,12 +110,28 @@ class ControllerSupervisor:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.cfg.controller.reconnect_max_s)
 
+    async def _read_results(self, done_up_to: int, head: int) -> int:
+        """Hand every result after ``done_up_to`` to the line; returns the new position."""
+        rseqs = c.ring_entries_between(done_up_to, head, c.RESULT_RING_LEN)
+        missed = c.seq_distance(done_up_to, head) - len(rseqs)
+        if missed > 0:
+            self.line.results_lost(missed)
+        entries = await self.link.read_results(rseqs)
+        for rseq in rseqs:
+            if rseq in entries:
+                self.line.on_result(entries[rseq])
+        return head
+
     async def _session(self) -> None:
         cc = self.cfg.controller
         poll_s = cc.poll_interval_ms / 1000
         hb_s = cc.heartbeat_interval_ms / 1000
         status = await self.link.poll()
-        trigger_head, result_head = status.trigger_head, status.result_head
+        trigger_head = status.trigger_head
+        # Results: continue from the last one recorded durably (results of parcels that left the
+        # belt while the agent was down are still in the ring); on a first start, from now.
+        cursor = self.line.result_cursor()
+        result_head = status.result_head if cursor is None else cursor
         hb = status.agent_heartbeat  # continue from the register: the first write is a change
         next_hb = 0.0
         self.connected.set()
@@ -132,22 +148,16 @@ class ControllerSupervisor:
             cps = self.speed.update(now, status.encoder)
             self.line.set_problems(status.problems())
             if status.trigger_head != trigger_head:
-                ring = await self.link.read_trigger_ring()
-                seqs = c.ring_entries_between(trigger_head, status.trigger_head)
+                seqs = c.ring_entries_between(trigger_head, status.trigger_head, c.TRIGGER_RING_LEN)
                 if c.seq_distance(trigger_head, status.trigger_head) > len(seqs):
                     self.ring_overruns += 1
                     log.error("trigger ring overrun: parcels missed (they default to inspection)")
+                entries = await self.link.read_triggers(seqs)
                 for seq in seqs:
-                    entry = ring[seq % c.RING_LEN]
-                    if entry.seq == seq:
-                        self.line.on_trigger(entry, status.encoder, cps, now)
+                    if seq in entries:
+                        self.line.on_trigger(entries[seq], status.encoder, cps, now)
                 trigger_head = status.trigger_head
             if status.result_head != result_head:
-                ring_r = await self.link.read_result_ring()
-                for rseq in c.ring_entries_between(result_head, status.result_head):
-                    entry_r = ring_r[rseq % c.RING_LEN]
-                    if entry_r.rseq == rseq:
-                        self.line.on_result(entry_r)
-                result_head = status.result_head
+                result_head = await self._read_results(result_head, status.result_head)
             self.line.tick(now)
             await asyncio.sleep(poll_s)

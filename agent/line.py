@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,25 @@ class Parcel:
     command_at: float | None = None
     line_problems: tuple[str, ...] = ()
     mode: Mode = Mode.NORMAL
+    part: dict[str, Any] | None = None  # the decision half of the record, once decided
+
+    @property
+    def key(self) -> str:
+        return decision_key(self.seq, self.trigger.encoder)
+
+
+def decision_key(seq: int, encoder: int) -> str:
+    """A parcel's identity on this line: its trigger sequence and captured encoder count."""
+    return f"{seq}:{encoder}"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordJob:
+    record_id: str
+    leaf: str  # topic leaf: "parcels" or "alarms"
+    payload: bytes
+    cursor: tuple[str, int] | None = None
+    done_decision: str | None = None
 
 
 class Line:
@@ -100,8 +120,10 @@ class Line:
         self.identity: c.Identity | None = None
         self._cmd_counter = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._records: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._records: asyncio.Queue[RecordJob] = asyncio.Queue()
+        self._persisting: set[asyncio.Task[None]] = set()
         self.outbox_ok = True
+        self.on_alarm: Callable[[str, bool, str], None] = lambda kind, active, detail: None
         self.counters: Counter[str] = Counter()
         self.latencies_ms: list[float] = []
 
@@ -204,27 +226,62 @@ class Line:
             if late:
                 p.ack = "not_sent_late"
                 log.warning("decision late; controller will default to inspection", reasons=p.decision.reasons)
-                return
-            self._cmd_counter = c.next_seq(self._cmd_counter)
-            try:
-                ack = await self.link.command(self._cmd_counter, p.seq, p.lane, ACK_TIMEOUT_S)
-                p.ack = ack.name.lower()
-            except LinkError as exc:
-                p.ack = "link_error"
-                log.error("lane command failed", error=str(exc))
-                return
-            p.command_at = time.monotonic()
-            self.latencies_ms.append((p.command_at - p.last_input_at) * 1000)
-            if ack is not c.AckCode.ACCEPTED:
-                self.counters[f"ack_{p.ack}"] += 1
-                log.warning("lane command not accepted", ack=p.ack, lane=p.lane)
+            else:
+                await self._command(p)
+            self._keep_decision(p)
+
+    async def _command(self, p: Parcel) -> None:
+        assert p.lane is not None
+        self._cmd_counter = c.next_seq(self._cmd_counter)
+        try:
+            ack = await self.link.command(self._cmd_counter, p.seq, p.lane, ACK_TIMEOUT_S)
+        except LinkError as exc:
+            p.ack = "link_error"
+            log.error("lane command failed", error=str(exc))
+            return
+        p.ack = ack.name.lower()
+        p.command_at = time.monotonic()
+        self.latencies_ms.append((p.command_at - p.last_input_at) * 1000)
+        if ack is not c.AckCode.ACCEPTED:
+            self.counters[f"ack_{p.ack}"] += 1
+            log.warning("lane command not accepted", ack=p.ack, lane=p.lane)
+
+    def _keep_decision(self, p: Parcel) -> None:
+        """Keep the decision half of the record in memory and on disk until the result comes."""
+        p.part = self._decision_part(p)
+        task = asyncio.create_task(self.publisher.outbox.save_decision(p.key, messages.dumps(p.part)))
+        self._persisting.add(task)
+        task.add_done_callback(self._persisting.discard)
 
     # --- results and records ------------------------------------------------------------
+    def result_cursor(self) -> int | None:
+        """The last result-ring sequence already turned into a record (None on a first start)."""
+        return self.publisher.outbox.cursor("results")
+
+    def results_lost(self, n: int) -> None:
+        self.counters["results_lost"] += n
+        log.error("result ring overrun: parcels left without a record", missed=n)
+        self.on_alarm("records_lost", True, f"{n} parcel results were overwritten before they were recorded")
+
     def on_result(self, entry: c.ResultEntry) -> None:
-        p = self.parcels.pop(entry.seq, None)
+        key = decision_key(entry.seq, entry.encoder)
+        p = self.parcels.get(entry.seq)
+        if p is not None and p.key == key:
+            del self.parcels[entry.seq]
+            part = p.part
+        else:
+            stored = self.publisher.outbox.load_decision(key)  # decided by a previous agent run
+            part = messages.loads(stored) if stored else None
         self.counters[f"result_{entry.disposition_name}"] += 1
-        record = self._record(entry.seq, p, entry)
-        self._queue_record(record)
+        result = {
+            "lane_commanded": entry.lane_commanded or None,
+            "lane_reached": entry.lane_reached or None,
+            "disposition": entry.disposition_name,
+        }
+        record = self._record(entry.seq, entry.encoder, part, result)
+        self._records.put_nowait(
+            RecordJob(record["record_id"], "parcels", messages.dumps(record), ("results", entry.rseq), key)
+        )
 
     def sweep_results(self, now: float) -> None:
         """Parcels whose result never came: record them anyway (an audit trail has no holes)."""
@@ -234,70 +291,65 @@ class Line:
                 del self.parcels[seq]
                 self.counters["result_missing"] += 1
                 log.error("no result from controller for parcel", seq=seq)
-                self._queue_record(self._record(seq, p, None))
+                result = {"lane_commanded": None, "lane_reached": None, "disposition": "no_result"}
+                record = self._record(seq, p.trigger.encoder, p.part, result)
+                self._records.put_nowait(
+                    RecordJob(record["record_id"], "parcels", messages.dumps(record), None, p.key)
+                )
 
-    def _queue_record(self, record: dict[str, Any]) -> None:
-        self._records.put_nowait((record["record_id"], messages.dumps(record)))
+    def queue_alarm(self, record_id: str, payload: bytes) -> None:
+        self._records.put_nowait(RecordJob(record_id, "alarms", payload))
 
     async def run_recorder(self) -> None:
-        """Commit records to the outbox in result order."""
-        topic = messages.topic(self.cfg.topic_root, "parcels")
+        """Commit records to the outbox in order. While it cannot store, nothing is released."""
+        root = self.cfg.topic_root
         while True:
-            record_id, payload = await self._records.get()
+            job = await self._records.get()
             while True:
                 try:
-                    await self.publisher.put(record_id, topic, payload)
+                    await self.publisher.put(
+                        job.record_id, messages.topic(root, job.leaf), job.payload,
+                        cursor=job.cursor, done_decision=job.done_decision,
+                    )
                     if not self.outbox_ok:
                         self.outbox_ok = True
+                        self.set_problems(tuple(p for p in self.problems if p != "outbox_unavailable"))
                         log.info("outbox writable again")
+                        self.on_alarm("outbox_full", False, "outbox accepts records again")
                     break
-                except Exception as exc:  # noqa: BLE001 - any storage failure stops releases
+                except Exception as exc:  # noqa: BLE001 - OutboxFull, a disk error: any failure stops releases
                     if self.outbox_ok:
                         log.error("cannot store parcel record; releasing stops", error=str(exc))
-                    self.outbox_ok = False
-                    self.set_problems(self.problems)
-                    await asyncio.sleep(1.0)
+                        self.outbox_ok = False
+                        self.set_problems(self.problems)
+                        self.on_alarm("outbox_full", True, f"records cannot be stored: {exc}")
+                    await asyncio.sleep(0.5)
 
-    def _record(self, seq: int, p: Parcel | None, result: c.ResultEntry | None) -> dict[str, Any]:
-        site, line = self.cfg.line.site, self.cfg.line.line
-        encoder = p.trigger.encoder if p else None
-        rec: dict[str, Any] = {
-            "schema": messages.SCHEMA_PARCEL,
-            "record_id": f"{site}:{line}:{seq}:{encoder if encoder is not None else 'r' + str(result.rseq if result else 0)}",
-            "site": site,
-            "line": line,
-            "seq": seq,
-            "recorded_at": messages.iso(),
-            "agent": {"version": messages.agent_version(), "config_hash": self.config_hash},
-        }
-        if p is None:
-            rec["trigger"] = None
-            rec["decision"] = None
-            rec["note"] = "parcel not seen by the agent (started after its trigger)"
-        else:
-            d = p.decision
-            rec["trigger"] = {
+    def _decision_part(self, p: Parcel) -> dict[str, Any]:
+        d = p.decision
+        return {
+            "trigger": {
                 "encoder": p.trigger.encoder,
                 "length_mm": p.trigger.length_mm,
                 "seen_at": messages.iso(p.seen_wall),
-            }
-            rec["reads"] = [
+            },
+            "reads": [
                 {"reader": r.reader, "codes": list(r.codes), "no_read": r.no_read, "timed_out": r.timed_out}
                 for r in (p.reads.get(name) or ReaderOutcome(name, timed_out=True) for name in self.readers)
-            ]
-            rec["waybill"] = d.waybill if d else None
-            rec["code_checks"] = [
+            ],
+            "waybill": d.waybill if d else None,
+            "code_checks": [
                 {"code": k.code, "valid": k.valid, "format": k.format, "problem": k.problem}
                 for k in (d.code_checks if d else ())
-            ]
-            rec["verdict"] = (
+            ],
+            "verdict": (
                 {"status": p.verdict.status, "verdict": p.verdict.verdict, "verdict_id": p.verdict.verdict_id}
                 if p.verdict else None
-            )
-            rec["image"] = None
-            rec["line_problems"] = list(p.line_problems)
-            rec["mode"] = p.mode.value
-            rec["decision"] = (
+            ),
+            "image": None,
+            "line_problems": list(p.line_problems),
+            "mode": p.mode.value,
+            "decision": (
                 {
                     "lane_class": d.lane.value,
                     "lane": p.lane,
@@ -305,18 +357,34 @@ class Line:
                     "decision_ms": round(((p.decided_at or p.seen_at) - p.seen_at) * 1000, 2),
                 }
                 if d else None
-            )
-            rec["command"] = {
+            ),
+            "command": {
                 "lane": p.lane,
                 "ack": p.ack,
                 "margin_ms": round((p.deadline - p.command_at) * 1000, 1) if p.command_at else None,
-            }
-        rec["result"] = (
-            {
-                "lane_commanded": result.lane_commanded or None,
-                "lane_reached": result.lane_reached or None,
-                "disposition": result.disposition_name,
-            }
-            if result else {"lane_commanded": None, "lane_reached": None, "disposition": "no_result"}
-        )
+            },
+        }
+
+    def _record(
+        self, seq: int, encoder: int, part: dict[str, Any] | None, result: dict[str, Any]
+    ) -> dict[str, Any]:
+        site, line = self.cfg.line.site, self.cfg.line.line
+        rec: dict[str, Any] = {
+            "schema": messages.SCHEMA_PARCEL,
+            "record_id": f"{site}:{line}:{seq}:{encoder}",
+            "site": site,
+            "line": line,
+            "seq": seq,
+            "recorded_at": messages.iso(),
+            "agent": {"version": messages.agent_version(), "config_hash": self.config_hash},
+        }
+        if part is None:
+            rec.update(
+                trigger={"encoder": encoder, "length_mm": None, "seen_at": None}, reads=[], waybill=None,
+                code_checks=[], verdict=None, image=None, line_problems=[], mode=None, decision=None,
+                command=None, note="no decision by this agent (it was not running when the parcel passed)",
+            )
+        else:
+            rec.update(part)
+        rec["result"] = result
         return rec

@@ -111,3 +111,10 @@ def dumps(obj: dict[str, Any]) -> bytes:
 
 def agent_version() -> str:
     return agent.__version__
+
+
+def loads(payload: bytes) -> dict[str, Any]:
+    data = json.loads(payload)
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object")
+    return data

@@ -35,30 +35,120 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload BLOB NOT NULL,
     created REAL NOT NULL
 );
+-- a parcel's decision, kept from the lane command until its record is in the outbox, so an
+-- agent that restarts in between still writes the full record
+CREATE TABLE IF NOT EXISTS decisions (
+    key TEXT PRIMARY KEY,
+    body BLOB NOT NULL,
+    created REAL NOT NULL
+);
+-- how far the controller's result ring has been turned into records
+CREATE TABLE IF NOT EXISTS cursors (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
 
 
-class Outbox:
-    def __init__(self, path: Path) -> None:
-        self.db = SqliteStore(path, _SCHEMA, synchronous="FULL", thread_name="outbox-writer")
+class OutboxFull(Exception):
+    """The outbox is at its disk budget: the record was not stored."""
 
-    async def add(self, record_id: str, topic: str, payload: bytes) -> int:
-        """Commit a record durably; returns its row id."""
+
+class Outbox:
+    """Records waiting for the broker's acknowledgement, within a budget of records and bytes."""
+
+    def __init__(self, path: Path, max_records: int = 1_000_000, max_bytes: int = 1 << 30) -> None:
+        self.db = SqliteStore(path, _SCHEMA, synchronous="FULL", thread_name="outbox-writer")
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        n, size = self.db.read("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox")[0]
+        self.pending_records, self.pending_bytes = int(n), int(size)
+
+    @property
+    def fill(self) -> float:
+        """How full the outbox is, 0..1, by whichever budget is closer."""
+        return max(self.pending_records / self.max_records, self.pending_bytes / self.max_bytes)
+
+    async def add(
+        self,
+        record_id: str,
+        topic: str,
+        payload: bytes,
+        *,
+        cursor: tuple[str, int] | None = None,
+        done_decision: str | None = None,
+    ) -> int:
+        """Commit a record durably; returns its row id. Raises OutboxFull at the budget.
+
+        In the same transaction: advance ``cursor`` (name, value) and drop the decision row
+        ``done_decision``, so a crash leaves either both or neither.
+        """
+        if self.pending_records + 1 > self.max_records or self.pending_bytes + len(payload) > self.max_bytes:
+            raise OutboxFull(
+                f"outbox at its budget ({self.pending_records} records, {self.pending_bytes} bytes)"
+            )
 
         def insert(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "INSERT INTO outbox(record_id, topic, payload, created) VALUES (?,?,?,?)",
-                (record_id, topic, payload, time.time()),
-            )
+            conn.execute("BEGIN")
+            try:
+                cur = conn.execute(
+                    "INSERT INTO outbox(record_id, topic, payload, created) VALUES (?,?,?,?)",
+                    (record_id, topic, payload, time.time()),
+                )
+                if cursor is not None:
+                    conn.execute(
+                        "INSERT INTO cursors(name, value) VALUES (?, ?) "
+                        "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                        cursor,
+                    )
+                if done_decision is not None:
+                    conn.execute("DELETE FROM decisions WHERE key = ?", (done_decision,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
             return int(cur.lastrowid or 0)
 
-        return await self.db.write(insert)
+        row = await self.db.write(insert)
+        self.pending_records += 1
+        self.pending_bytes += len(payload)
+        return row
 
-    async def remove(self, row_ids: list[int]) -> None:
+    async def remove(self, rows: list[tuple[int, int]]) -> None:
+        """Delete acknowledged rows, given as (row id, payload size)."""
+
         def delete(conn: sqlite3.Connection) -> None:
-            conn.executemany("DELETE FROM outbox WHERE id = ?", [(r,) for r in row_ids])
+            conn.executemany("DELETE FROM outbox WHERE id = ?", [(r,) for r, _ in rows])
 
         await self.db.write(delete)
+        self.pending_records -= len(rows)
+        self.pending_bytes -= sum(n for _, n in rows)
+
+    async def save_decision(self, key: str, body: bytes) -> None:
+        def upsert(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO decisions(key, body, created) VALUES (?,?,?) "
+                "ON CONFLICT(key) DO UPDATE SET body = excluded.body",
+                (key, body, time.time()),
+            )
+
+        await self.db.write(upsert)
+
+    def load_decision(self, key: str) -> bytes | None:
+        rows = self.db.read("SELECT body FROM decisions WHERE key = ?", (key,))
+        return bytes(rows[0][0]) if rows else None
+
+    async def prune_decisions(self, older_than_s: float) -> None:
+        cutoff = time.time() - older_than_s
+
+        def prune(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM decisions WHERE created < ?", (cutoff,))
+
+        await self.db.write(prune)
+
+    def cursor(self, name: str) -> int | None:
+        rows = self.db.read("SELECT value FROM cursors WHERE name = ?", (name,))
+        return int(rows[0][0]) if rows else None
 
     def fetch_after(self, row_id: int, limit: int) -> list[tuple[int, str, bytes]]:
         rows = self.db.read(
@@ -67,7 +157,7 @@ class Outbox:
         return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
 
     def count(self) -> int:
-        return int(self.db.read("SELECT COUNT(*) FROM outbox")[0][0])
+        return self.pending_records
 
     def close(self) -> None:
         self.db.close()
@@ -80,17 +170,24 @@ class OutboxPublisher:
         self.outbox = outbox
         self._publish = publish
         self.window = window
-        self._inflight: dict[int, int] = {}  # mqtt mid -> outbox row id
+        self._inflight: dict[int, tuple[int, int]] = {}  # mqtt mid -> (row id, payload size)
         self._handed_up_to = 0  # highest row id handed to paho
         self._wake = asyncio.Event()
-        self._acked: list[int] = []
+        self._acked: list[tuple[int, int]] = []
         self.published = 0
         self.acked = 0
         self.online = False
 
-    async def put(self, record_id: str, topic: str, payload: bytes) -> None:
-        """Commit first, then publish. Raises if the record cannot be stored."""
-        await self.outbox.add(record_id, topic, payload)
+    async def put(
+        self,
+        record_id: str,
+        topic: str,
+        payload: bytes,
+        cursor: tuple[str, int] | None = None,
+        done_decision: str | None = None,
+    ) -> None:
+        """Commit first, then publish. Raises OutboxFull (or an OSError) if it cannot be stored."""
+        await self.outbox.add(record_id, topic, payload, cursor=cursor, done_decision=done_decision)
         self._wake.set()
 
     def on_ack(self, mid: int) -> None:
@@ -117,7 +214,7 @@ class OutboxPublisher:
                 continue
             for row_id, topic, payload in self.outbox.fetch_after(self._handed_up_to, room):
                 mid = self._publish(topic, payload)
-                self._inflight[mid] = row_id
+                self._inflight[mid] = (row_id, len(payload))
                 self._handed_up_to = row_id
                 self.published += 1
 

@@ -13,7 +13,7 @@ Areas::
     32..35    agent area      agent-owned (heartbeat, mode request, maintenance gate fire)
     40..42    lane mailbox    agent-owned, written in one FC16 request: counter, seq, lane
     100..163  trigger ring    controller-owned, 16 entries x 4 registers
-    200..295  result ring     controller-owned, 16 entries x 6 registers
+    200..711  result ring     controller-owned, 64 entries x 8 registers
 """
 
 from __future__ import annotations
@@ -76,13 +76,18 @@ REG_CMD_LANE = 42
 # --- rings (read-only) ------------------------------------------------------------------
 TRIGGER_RING_BASE = 100
 TRIGGER_ENTRY_LEN = 4
+TRIGGER_RING_LEN = 16
 RESULT_RING_BASE = 200
-RESULT_ENTRY_LEN = 6
-RING_LEN = 16
+RESULT_ENTRY_LEN = 8
+#: Results are kept longer than triggers: an agent that restarts (a few seconds at 10 parcels/s)
+#: must still find the results of every parcel that left the belt while it was down.
+RESULT_RING_LEN = 64
 
 #: Highest address the controller must map (inclusive); addresses in between that belong to
 #: no area read as 0 and refuse writes.
-LAST_ADDRESS = RESULT_RING_BASE + RING_LEN * RESULT_ENTRY_LEN - 1
+LAST_ADDRESS = RESULT_RING_BASE + RESULT_RING_LEN * RESULT_ENTRY_LEN - 1
+#: Largest read the agent issues (registers); ring reads are split into chunks of whole entries.
+MAX_READ = 120
 
 #: The status poll reads status, agent area and mailbox in one request.
 POLL_BASE = STATUS_BASE
@@ -218,9 +223,10 @@ class Identity:
                 f"contract version {self.contract_major}.{self.contract_minor} is not supported "
                 f"(agent speaks {CONTRACT_MAJOR}.x)"
             )
-        if self.trigger_ring_len != RING_LEN or self.result_ring_len != RING_LEN:
+        if self.trigger_ring_len != TRIGGER_RING_LEN or self.result_ring_len != RESULT_RING_LEN:
             out.append(
-                f"ring lengths {self.trigger_ring_len}/{self.result_ring_len} != {RING_LEN}"
+                f"ring lengths {self.trigger_ring_len}/{self.result_ring_len} != "
+                f"{TRIGGER_RING_LEN}/{RESULT_RING_LEN}"
             )
         if self.counts_per_metre == 0:
             out.append("encoder counts per metre is 0")
@@ -290,9 +296,13 @@ class TriggerEntry:
     encoder: int
     length_mm: int
 
+    RING_BASE = TRIGGER_RING_BASE
+    ENTRY_LEN = TRIGGER_ENTRY_LEN
+    RING_LEN = TRIGGER_RING_LEN
+
     @staticmethod
     def slot(seq: int) -> int:
-        return TRIGGER_RING_BASE + (seq % RING_LEN) * TRIGGER_ENTRY_LEN
+        return TRIGGER_RING_BASE + (seq % TRIGGER_RING_LEN) * TRIGGER_ENTRY_LEN
 
     @classmethod
     def decode(cls, regs: Sequence[int], offset: int = 0) -> TriggerEntry:
@@ -306,23 +316,29 @@ class TriggerEntry:
 class ResultEntry:
     rseq: int
     seq: int
+    encoder: int  # the trigger's captured encoder count: with seq, the parcel's identity
     lane_commanded: int
     lane_reached: int
     disposition: int
     flags: int = 0
 
+    RING_BASE = RESULT_RING_BASE
+    ENTRY_LEN = RESULT_ENTRY_LEN
+    RING_LEN = RESULT_RING_LEN
+
     @staticmethod
     def slot(rseq: int) -> int:
-        return RESULT_RING_BASE + (rseq % RING_LEN) * RESULT_ENTRY_LEN
+        return RESULT_RING_BASE + (rseq % RESULT_RING_LEN) * RESULT_ENTRY_LEN
 
     @classmethod
     def decode(cls, regs: Sequence[int], offset: int = 0) -> ResultEntry:
-        return cls(*regs[offset : offset + RESULT_ENTRY_LEN])
+        r = regs
+        return cls(r[offset], r[offset + 1], u32(r, offset + 2), *r[offset + 4 : offset + 8])
 
     def encode(self) -> list[int]:
         return [
-            self.rseq, self.seq, self.lane_commanded, self.lane_reached, self.disposition,
-            self.flags,
+            self.rseq, self.seq, *split_u32(self.encoder), self.lane_commanded, self.lane_reached,
+            self.disposition, self.flags,
         ]
 
     @property
@@ -333,15 +349,39 @@ class ResultEntry:
             return f"unknown_{self.disposition}"
 
 
-def ring_entries_between(old_head: int, new_head: int) -> list[int]:
+def ring_entries_between(old_head: int, new_head: int, ring_len: int) -> list[int]:
     """Sequence numbers after ``old_head`` up to and including ``new_head``, oldest first.
 
-    At most RING_LEN are returned: older ones have been overwritten and are lost to us.
+    At most ``ring_len`` are returned: older ones have been overwritten and are lost to us.
     """
     n = seq_distance(old_head, new_head)
     seqs = []
     s = new_head
-    for _ in range(min(n, RING_LEN)):
+    for _ in range(min(n, ring_len)):
         seqs.append(s)
         s = s - 1 if s > 1 else 0xFFFF
     return list(reversed(seqs))
+
+
+def slot_ranges(seqs: Sequence[int], ring_base: int, entry_len: int, ring_len: int) -> list[tuple[int, int]]:
+    """Contiguous (address, count) reads that cover the ring slots of ``seqs`` (oldest first).
+
+    Consecutive sequence numbers sit in consecutive slots until the ring wraps; each read stays
+    within MAX_READ registers.
+    """
+    per_read = max(1, MAX_READ // entry_len)
+    ranges: list[tuple[int, int]] = []
+    start_slot = prev_slot = None
+    count = 0
+    for s in seqs:
+        slot = s % ring_len
+        if start_slot is not None and slot == (prev_slot or 0) + 1 and count < per_read:
+            count += 1
+        else:
+            if start_slot is not None:
+                ranges.append((ring_base + start_slot * entry_len, count * entry_len))
+            start_slot, count = slot, 1
+        prev_slot = slot
+    if start_slot is not None:
+        ranges.append((ring_base + start_slot * entry_len, count * entry_len))
+    return ranges

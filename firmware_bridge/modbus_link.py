@@ -173,13 +173,23 @@ class ControllerLink:
     async def poll(self) -> c.Status:
         return c.Status.decode(await self.read(c.POLL_BASE, c.POLL_LEN))
 
-    async def read_trigger_ring(self) -> list[c.TriggerEntry]:
-        regs = await self.read(c.TRIGGER_RING_BASE, c.RING_LEN * c.TRIGGER_ENTRY_LEN)
-        return [c.TriggerEntry.decode(regs, i * c.TRIGGER_ENTRY_LEN) for i in range(c.RING_LEN)]
+    async def read_triggers(self, seqs: Sequence[int]) -> dict[int, c.TriggerEntry]:
+        """Read the trigger-ring slots of ``seqs``; returns slot contents keyed by slot seq."""
+        return await self._read_ring(seqs, c.TriggerEntry)
 
-    async def read_result_ring(self) -> list[c.ResultEntry]:
-        regs = await self.read(c.RESULT_RING_BASE, c.RING_LEN * c.RESULT_ENTRY_LEN)
-        return [c.ResultEntry.decode(regs, i * c.RESULT_ENTRY_LEN) for i in range(c.RING_LEN)]
+    async def read_results(self, rseqs: Sequence[int]) -> dict[int, c.ResultEntry]:
+        return await self._read_ring(rseqs, c.ResultEntry)
+
+    async def _read_ring(self, seqs: Sequence[int], kind: Any) -> dict[int, Any]:
+        """Read only the slots needed, in as few requests as possible. Keyed by the seq asked
+        for; an entry whose own sequence field differs is not yet (or no longer) that seq."""
+        out: dict[int, Any] = {}
+        for address, count in c.slot_ranges(seqs, kind.RING_BASE, kind.ENTRY_LEN, kind.RING_LEN):
+            regs = await self.read(address, count)
+            for i in range(0, count, kind.ENTRY_LEN):
+                entry = kind.decode(regs, i)
+                out[entry.seq if kind is c.TriggerEntry else entry.rseq] = entry
+        return {s: out[s] for s in seqs if s in out}
 
     async def heartbeat(self, value: int) -> None:
         await self.write(c.REG_AGENT_HEARTBEAT, [value & 0xFFFF])

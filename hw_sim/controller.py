@@ -77,8 +77,8 @@ class ControllerModel:
             gate_count=len(params.gate_for_lane),
             lane_count=params.lane_count,
             watchdog_ms=params.watchdog_ms,
-            trigger_ring_len=c.RING_LEN,
-            result_ring_len=c.RING_LEN,
+            trigger_ring_len=c.TRIGGER_RING_LEN,
+            result_ring_len=c.RESULT_RING_LEN,
             decision_distance_counts=round(params.decision_distance_m * params.counts_per_metre),
             default_lane=params.default_lane,
         )
@@ -249,7 +249,9 @@ class ControllerModel:
             t.lane_reached, disposition = 0, c.Disposition.LOST
         t.disposition = disposition
         self.result_seq = c.next_seq(self.result_seq)
-        entry = c.ResultEntry(self.result_seq, seq, t.cmd_lane, t.lane_reached, int(disposition))
+        entry = c.ResultEntry(
+            self.result_seq, seq, t.encoder, t.cmd_lane, t.lane_reached, int(disposition)
+        )
         slot = c.ResultEntry.slot(entry.rseq)
         self.regs[slot : slot + c.RESULT_ENTRY_LEN] = entry.encode()
         self.regs[c.REG_RESULT_HEAD] = self.result_seq

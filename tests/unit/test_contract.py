@@ -56,10 +56,10 @@ def test_documented_enums_match() -> None:
 def test_ring_and_area_sizes() -> None:
     assert c.TriggerEntry.slot(0) == c.TRIGGER_RING_BASE == 100
     assert c.TriggerEntry.slot(17) == 104
-    assert c.ResultEntry.slot(16) == c.RESULT_RING_BASE == 200
-    assert c.LAST_ADDRESS == 295
+    assert c.ResultEntry.slot(64) == c.RESULT_RING_BASE == 200
+    assert c.ResultEntry.slot(65) == 208
+    assert c.LAST_ADDRESS == 711
     assert c.POLL_BASE == 16 and c.POLL_LEN == 27  # 16..42 in one read
-    assert c.RING_LEN * c.RESULT_ENTRY_LEN <= 125  # one Modbus read
 
 
 def test_u32_high_word_first_and_wrap() -> None:
@@ -73,13 +73,28 @@ def test_sequence_wraps_past_zero() -> None:
     assert c.next_seq(65535) == 1
     assert c.next_seq(0) == 1
     assert c.seq_distance(65534, 2) == 3
-    assert c.ring_entries_between(65534, 2) == [65535, 1, 2]
-    assert c.ring_entries_between(0, 3) == [1, 2, 3]
-    assert len(c.ring_entries_between(1, 100)) == c.RING_LEN  # older ones are overwritten
+    assert c.ring_entries_between(65534, 2, 16) == [65535, 1, 2]
+    assert c.ring_entries_between(0, 3, 16) == [1, 2, 3]
+    assert len(c.ring_entries_between(1, 100, 16)) == 16  # older ones are overwritten
+
+
+def test_slot_ranges_split_at_wrap_and_read_size() -> None:
+    # trigger ring: seqs 14..18 occupy slots 14, 15, then 0, 1, 2
+    assert c.slot_ranges([14, 15, 16, 17, 18], 100, 4, 16) == [(156, 8), (100, 12)]
+    # result ring: 20 consecutive entries of 8 registers need two reads of at most 120
+    ranges = c.slot_ranges(list(range(1, 21)), 200, 8, 64)
+    assert ranges == [(208, 120), (328, 40)]
+    assert all(n <= c.MAX_READ for _, n in ranges)
+
+
+def test_result_entry_roundtrip() -> None:
+    e = c.ResultEntry(7, 1042, 0x00ABCDEF, 2, 2, int(c.Disposition.SORTED))
+    assert c.ResultEntry.decode(e.encode()) == e
+    assert len(e.encode()) == c.RESULT_ENTRY_LEN
 
 
 def test_identity_roundtrip_and_mismatch() -> None:
-    ident = c.Identity(c.MAGIC, 1, 0, (2, 3, 4), 1000, 1, 2, 500, 16, 16, 1500, 1)
+    ident = c.Identity(c.MAGIC, 1, 0, (2, 3, 4), 1000, 1, 2, 500, 16, 64, 1500, 1)
     assert c.Identity.decode(ident.encode()) == ident
     assert ident.problems() == []
     from dataclasses import replace

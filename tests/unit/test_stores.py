@@ -79,7 +79,7 @@ async def test_outbox_replays_unacked_records_in_order_after_restart(tmp_path: P
     outbox = Outbox(path)
     for i in range(4):
         await outbox.add(f"r{i}", "t", f"p{i}".encode())
-    await outbox.remove([1, 2])  # acknowledged before the "crash"
+    await outbox.remove([(1, 2), (2, 2)])  # acknowledged before the "crash"
     outbox.close()
 
     outbox = Outbox(path)
@@ -93,3 +93,30 @@ async def test_outbox_replays_unacked_records_in_order_after_restart(tmp_path: P
     finally:
         task.cancel()
         outbox.close()
+
+
+async def test_outbox_budget_refuses_and_cursor_and_decision_move_atomically(tmp_path: Path) -> None:
+    from agent.outbox import OutboxFull
+
+    outbox = Outbox(tmp_path / "o.sqlite", max_records=2, max_bytes=1000)
+    try:
+        await outbox.save_decision("7:1234", b'{"lane": 2}')
+        assert outbox.load_decision("7:1234") == b'{"lane": 2}'
+        await outbox.add("r1", "t", b"x" * 10, cursor=("results", 41), done_decision="7:1234")
+        assert outbox.cursor("results") == 41 and outbox.load_decision("7:1234") is None
+        await outbox.add("r2", "t", b"y" * 10)
+        assert outbox.fill == 1.0
+        try:
+            await outbox.add("r3", "t", b"z")
+            raise AssertionError("expected OutboxFull")
+        except OutboxFull:
+            pass
+        await outbox.remove([(1, 10)])
+        await outbox.add("r3", "t", b"z")  # room again after an acknowledgement
+    finally:
+        outbox.close()
+    reopened = Outbox(tmp_path / "o.sqlite", max_records=2, max_bytes=1000)
+    try:
+        assert reopened.count() == 2 and reopened.pending_bytes == 11  # budget state survives
+    finally:
+        reopened.close()
