@@ -134,6 +134,39 @@ class StorageConfig(_Strict):
 
 class VerdictConfig(_Strict):
     default_ttl_s: int = Field(86_400, ge=60, le=30 * 86_400)
+    require_signatures: bool = Field(
+        False, description="Act only on verdicts signed (Ed25519) by a key in trusted_keys_file"
+    )
+    trusted_keys_file: str | None = Field(
+        None, description="Lines of '<key_id> <base64 public key>'; relative: $CREDENTIALS_DIRECTORY"
+    )
+    max_clock_skew_s: int = Field(120, ge=0, le=3600)
+    lookup: bool = Field(True, description="Ask central over MQTT for a waybill not in the store")
+    lookup_timeout_ms: int = Field(300, ge=10, le=5000, description="Upper bound; the parcel's deadline may cut it shorter")
+
+    @model_validator(mode="after")
+    def _keys(self) -> VerdictConfig:
+        if self.require_signatures and not self.trusted_keys_file:
+            raise ValueError("require_signatures = true needs trusted_keys_file")
+        return self
+
+
+class OutboxConfig(_Strict):
+    max_records: int = Field(500_000, ge=100, le=50_000_000)
+    max_mb: int = Field(512, ge=1, le=65_536)
+    alarm_at: float = Field(0.8, gt=0, lt=1, description="Raise outbox_filling at this fraction of the budget")
+
+
+class TlsConfig(_Strict):
+    ca_file: str = Field(min_length=1, description="CA that signed the broker's certificate")
+    cert_file: str | None = Field(None, description="Client certificate (mutual TLS)")
+    key_file: str | None = Field(None, description="Client key; relative: $CREDENTIALS_DIRECTORY")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
 
 
 class MqttConfig(_Strict):
@@ -143,6 +176,18 @@ class MqttConfig(_Strict):
     topic_prefix: str = Field("sortgate", pattern=r"^[A-Za-z0-9_/-]+$", max_length=64)
     keepalive_s: int = Field(30, ge=5, le=600)
     reconnect_max_s: float = Field(10.0, gt=0, le=300)
+    username: str | None = Field(None, min_length=1, max_length=128)
+    password_file: str | None = Field(
+        None, description="File holding the password; relative: $CREDENTIALS_DIRECTORY (systemd LoadCredential=)"
+    )
+    tls: TlsConfig | None = None
+    max_inbound_per_s: int = Field(200, ge=1, le=100_000, description="Inbound messages beyond this are dropped")
+
+    @model_validator(mode="after")
+    def _auth(self) -> MqttConfig:
+        if self.password_file and not self.username:
+            raise ValueError("password_file needs a username")
+        return self
 
 
 class LoggingConfig(_Strict):
@@ -164,6 +209,7 @@ class Config(_Strict):
     waybill: WaybillConfig = WaybillConfig()
     storage: StorageConfig = StorageConfig()
     verdicts: VerdictConfig = VerdictConfig()
+    outbox: OutboxConfig = OutboxConfig()
     mqtt: MqttConfig = MqttConfig()
     logging: LoggingConfig = LoggingConfig()
     health: HealthConfig = HealthConfig()

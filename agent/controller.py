@@ -103,6 +103,7 @@ class ControllerSupervisor:
                 self.line.set_problems(("controller_offline",))
                 if not failing:
                     log.error("controller link down", error=str(exc), frames=self.link.dump_frames()[-8:])
+                    self.line.on_alarm("controller_offline", True, str(exc))
                     failing = True
                 else:
                     log.debug("controller still unreachable", error=str(exc))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,8 @@ from firmware_bridge.reader_codec import Event, FramingError
 log = structlog.get_logger("sortgate.line")
 
 ACK_TIMEOUT_S = 0.1
+#: time kept back from a verdict look-up for writing the command before the safety margin
+LOOKUP_RESERVE_S = 0.02
 
 
 @dataclass
@@ -124,18 +126,27 @@ class Line:
         self._persisting: set[asyncio.Task[None]] = set()
         self.outbox_ok = True
         self.on_alarm: Callable[[str, bool, str], None] = lambda kind, active, detail: None
+        self.on_event: Callable[[str, str], None] = lambda kind, detail: None
+        # Ask central for a verdict the store lacks: (waybill, seconds) -> lookup. Set by the agent.
+        self.ask: Callable[[str, float], Awaitable[VerdictLookup]] | None = None
         self.counters: Counter[str] = Counter()
         self.latencies_ms: list[float] = []
 
     # --- health -------------------------------------------------------------------------
     def set_problems(self, problems: tuple[str, ...]) -> None:
-        if not self.outbox_ok:
+        if not self.outbox_ok and "outbox_unavailable" not in problems:
             problems = (*problems, "outbox_unavailable")
         if problems != self.problems:
             if problems:
                 log.warning("line unhealthy", problems=list(problems))
             else:
                 log.info("line healthy")
+            for gone in set(self.problems) - set(problems):
+                self.on_alarm(gone, False, f"{gone} cleared")
+            for new in set(problems) - set(self.problems):
+                # the outbox and the controller link raise their own alarms, with their causes
+                if new not in ("outbox_unavailable", "controller_offline"):
+                    self.on_alarm(new, True, f"line problem: {new}; every parcel goes to inspection")
             self.problems = problems
 
     # --- inputs -------------------------------------------------------------------------
@@ -202,6 +213,10 @@ class Line:
             reads = tuple(p.reads.get(r) or ReaderOutcome(r, timed_out=True) for r in self.readers)
             waybill, _, _ = identify(reads, tuple(self.cfg.waybill.accept))
             p.verdict = self.verdicts.lookup(waybill) if waybill else None
+            if waybill and p.verdict and p.verdict.status == "miss" and self.ask is not None:
+                # leave room for the command and its acknowledgement before the deadline
+                budget = p.deadline - self.margin_s - LOOKUP_RESERVE_S - time.monotonic()
+                p.verdict = await self.ask(waybill, min(budget, self.cfg.verdicts.lookup_timeout_ms / 1000))
             p.line_problems = self.problems
             p.mode = self.mode
             now = time.monotonic()
@@ -261,7 +276,7 @@ class Line:
     def results_lost(self, n: int) -> None:
         self.counters["results_lost"] += n
         log.error("result ring overrun: parcels left without a record", missed=n)
-        self.on_alarm("records_lost", True, f"{n} parcel results were overwritten before they were recorded")
+        self.on_event("records_lost", f"{n} parcel results were overwritten before they were recorded")
 
     def on_result(self, entry: c.ResultEntry) -> None:
         key = decision_key(entry.seq, entry.encoder)

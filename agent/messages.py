@@ -30,6 +30,10 @@ SCHEMA_STATUS = "sortgate.status/1"
 SCHEMA_ALARM = "sortgate.alarm/1"
 SCHEMA_STATS = "sortgate.stats/1"
 SCHEMA_VERDICTS = "sortgate.verdicts/1"
+SCHEMA_VERDICT_REQUEST = "sortgate.verdict_request/1"
+SCHEMA_VERDICT_ANSWER = "sortgate.verdict_answer/1"
+SCHEMA_COMMAND = "sortgate.command/1"
+SCHEMA_COMMAND_REPLY = "sortgate.command_reply/1"
 
 
 def topic(root: str, leaf: str) -> str:
@@ -51,7 +55,9 @@ def status_offline(reason: str) -> dict[str, Any]:
 
 
 def alarm(kind: str, active: bool, detail: str, **extra: Any) -> dict[str, Any]:
-    return {"schema": SCHEMA_ALARM, "alarm": kind, "active": active, "detail": detail, "at": iso(), **extra}
+    body = {"schema": SCHEMA_ALARM, "alarm": kind, "active": active, "detail": detail, "at": iso()}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return body
 
 
 # --- inbound: verdict batches -------------------------------------------------------------
@@ -64,6 +70,8 @@ class VerdictItem(BaseModel):
     verdict_id: str = Field(min_length=1, max_length=64)
     issued_at: datetime
     expires_at: datetime | None = None
+    key_id: str | None = Field(None, min_length=1, max_length=64)
+    signature: str | None = Field(None, min_length=1, max_length=200)
 
 
 class VerdictBatch(BaseModel):
@@ -73,30 +81,77 @@ class VerdictBatch(BaseModel):
     verdicts: list[dict[str, Any]] = Field(max_length=10_000)
 
 
-def parse_verdict_batch(payload: bytes) -> tuple[str | None, list[VerdictItem], list[str]]:
-    """Parse a verdict batch. Returns (batch_id, good items, problems). Never raises."""
+def parse_json(payload: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """Decode an inbound payload: (object, None) or (None, problem). Never raises."""
     if len(payload) > MAX_INBOUND_BYTES:
-        return None, [], [f"payload of {len(payload)} bytes exceeds {MAX_INBOUND_BYTES}"]
+        return None, f"payload of {len(payload)} bytes exceeds {MAX_INBOUND_BYTES}"
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, [], [f"not JSON: {exc}"]
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return None, f"not JSON: {exc}"
+    if not isinstance(data, dict):
+        return None, "not a JSON object"
+    return data, None
+
+
+def parse_verdict_item(raw: Any) -> tuple[VerdictItem | None, str | None]:
+    try:
+        item = VerdictItem.model_validate(raw)
+    except ValidationError as exc:
+        return None, _first_error(exc)
+    if item.issued_at.tzinfo is None or (item.expires_at and item.expires_at.tzinfo is None):
+        return None, "timestamps need a timezone"
+    return item, None
+
+
+def parse_verdict_batch(
+    payload: bytes,
+) -> tuple[str | None, list[tuple[VerdictItem, dict[str, Any]]], list[str]]:
+    """Parse a verdict batch. Returns (batch_id, [(item, raw item)], problems). Never raises.
+
+    The raw item is kept because a signature covers exactly what central sent.
+    """
+    data, problem = parse_json(payload)
+    if data is None:
+        return None, [], [problem or "unreadable"]
     try:
         batch = VerdictBatch.model_validate(data)
     except ValidationError as exc:
         return None, [], [_first_error(exc)]
     items, problems = [], []
     for i, raw in enumerate(batch.verdicts):
-        try:
-            item = VerdictItem.model_validate(raw)
-        except ValidationError as exc:
-            problems.append(f"verdicts[{i}]: {_first_error(exc)}")
-            continue
-        if item.issued_at.tzinfo is None or (item.expires_at and item.expires_at.tzinfo is None):
-            problems.append(f"verdicts[{i}]: timestamps need a timezone")
-            continue
-        items.append(item)
+        item, problem = parse_verdict_item(raw)
+        if item is None:
+            problems.append(f"verdicts[{i}]: {problem}")
+        else:
+            items.append((item, raw))
     return batch.batch_id, items, problems
+
+
+class Command(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_: Literal["sortgate.command/1"] = Field(alias="schema")
+    command: str = Field(min_length=1, max_length=32)
+    request_id: str | None = Field(None, max_length=64)
+    mode: Literal["normal", "inspect_all", "maintenance"] | None = None
+
+
+class VerdictAnswer(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_: Literal["sortgate.verdict_answer/1"] = Field(alias="schema")
+    waybill: str = Field(min_length=4, max_length=40)
+    found: bool
+    verdict: dict[str, Any] | None = None
+
+
+def parse_model(model: type[BaseModel], payload: bytes) -> tuple[Any, str | None]:
+    data, problem = parse_json(payload)
+    if data is None:
+        return None, problem
+    try:
+        return model.model_validate(data), None
+    except ValidationError as exc:
+        return None, _first_error(exc)
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -24,6 +25,21 @@ from agent import messages
 log = structlog.get_logger("sortgate.mqtt")
 
 
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageMeta:
+    """MQTT 5 properties of an inbound message that the contract uses."""
+
+    response_topic: str | None = None
+    correlation: bytes | None = None
+
+
 class MqttLink:
     def __init__(
         self,
@@ -33,9 +49,12 @@ class MqttLink:
         topic_root: str,
         keepalive_s: int,
         reconnect_max_s: float,
-        on_message: Callable[[str, bytes], None],
+        on_message: Callable[[str, bytes, MessageMeta], None],
         on_ack: Callable[[int], None],
         birth: Callable[[], dict[str, Any]],
+        tls: TlsSettings | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.root = topic_root
@@ -58,6 +77,10 @@ class MqttLink:
             json.dumps(messages.status_offline(reason="connection lost")),
             qos=1, retain=True,
         )
+        if tls is not None:
+            c.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file)
+        if username is not None:
+            c.username_pw_set(username, password)
         c.on_connect = self._cb_connect
         c.on_disconnect = self._cb_disconnect
         c.on_message = self._cb_message
@@ -90,8 +113,23 @@ class MqttLink:
         self.client.loop_stop()
 
     # --- publishing (thread-safe in paho) -----------------------------------------------
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int:
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> int:
+        props = None
+        if response_topic is not None or correlation is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic is not None:
+                props.ResponseTopic = response_topic
+            if correlation is not None:
+                props.CorrelationData = correlation
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         return info.mid
 
     # --- paho callbacks (paho thread) ---------------------------------------------------
@@ -103,8 +141,8 @@ class MqttLink:
         if rc.is_failure:
             self._call(log.error, "mqtt connect refused", reason=str(rc))
             return
-        client.subscribe(messages.topic(self.root, "verdicts"), qos=1)
-        client.subscribe(messages.topic(self.root, "cmd/#"), qos=1)
+        for leaf in ("verdicts", "verdicts/answer", "cmd"):
+            client.subscribe(messages.topic(self.root, leaf), qos=1)
         client.publish(
             messages.topic(self.root, "status"), json.dumps(self._birth()), qos=1, retain=True
         )
@@ -125,7 +163,12 @@ class MqttLink:
             self.connected.clear()
 
     def _cb_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._call(self._on_message, msg.topic, bytes(msg.payload))
+        props = getattr(msg, "properties", None)
+        meta = MessageMeta(
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation=getattr(props, "CorrelationData", None),
+        )
+        self._call(self._on_message, msg.topic, bytes(msg.payload), meta)
 
     def _cb_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any) -> None:
         self._call(self._on_ack, mid)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import signal
 import time
 from pathlib import Path
@@ -27,12 +26,16 @@ from typing import Any
 import structlog
 
 from agent import messages
+from agent.alarms import Alarms
 from agent.config import Config
 from agent.controller import ControllerSupervisor
+from agent.decision import Mode
 from agent.health import SystemdNotifier
+from agent.inbound import Inbound
 from agent.line import Line
-from agent.mqtt import MqttLink
+from agent.mqtt import MessageMeta, MqttLink, TlsSettings
 from agent.outbox import Outbox, OutboxPublisher
+from agent.security import KeyRing, read_secret, resolve_secret
 from agent.verdicts import VerdictStore
 from firmware_bridge.errors import ContractMismatch
 from firmware_bridge.modbus_link import ControllerLink, LinkSettings
@@ -55,27 +58,71 @@ def link_settings(cfg: Config) -> LinkSettings:
     )
 
 
+class StartupError(Exception):
+    """The agent cannot start (a secret or key file is missing or unreadable)."""
+
+
+def _security(cfg: Config) -> tuple[KeyRing | None, TlsSettings | None, str | None]:
+    """Load keys and secrets named by the config; every problem is a StartupError naming the file."""
+    keyring = None
+    if cfg.verdicts.require_signatures:
+        assert cfg.verdicts.trusted_keys_file is not None
+        try:
+            keyring = KeyRing.load(cfg.verdicts.trusted_keys_file)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"verdicts.trusted_keys_file: {exc}") from exc
+    tls = None
+    if cfg.mqtt.tls is not None:
+        t = cfg.mqtt.tls
+        files = {"ca_file": t.ca_file, "cert_file": t.cert_file, "key_file": t.key_file}
+        resolved = {k: str(resolve_secret(v)) if v else None for k, v in files.items()}
+        for key, path in resolved.items():
+            if path and not Path(path).is_file():
+                raise StartupError(f"mqtt.tls.{key}: {path} does not exist")
+        tls = TlsSettings(resolved["ca_file"] or "", resolved["cert_file"], resolved["key_file"])
+    password = None
+    if cfg.mqtt.password_file:
+        try:
+            password = read_secret(cfg.mqtt.password_file)
+        except OSError as exc:
+            raise StartupError(f"mqtt.password_file: {exc}") from exc
+    return keyring, tls, password
+
+
 class Agent:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.hash = config_hash(cfg)
+        keyring, tls, password = _security(cfg)
         state = cfg.storage.state_dir
         self.verdicts = VerdictStore(Path(state) / "verdicts.sqlite", cfg.verdicts.default_ttl_s)
-        self.outbox = Outbox(Path(state) / "outbox.sqlite")
+        self.outbox = Outbox(
+            Path(state) / "outbox.sqlite", cfg.outbox.max_records, cfg.outbox.max_mb * 1024 * 1024
+        )
         self.link = ControllerLink(link_settings(cfg))
         self.mqtt = MqttLink(
             host=cfg.mqtt.host, port=cfg.mqtt.port,
             client_id=cfg.mqtt.client_id or f"sortgate-{cfg.line.site}-{cfg.line.line}",
             topic_root=cfg.topic_root, keepalive_s=cfg.mqtt.keepalive_s,
             reconnect_max_s=cfg.mqtt.reconnect_max_s, on_message=self._on_mqtt,
-            on_ack=self._on_ack, birth=self._birth,
+            on_ack=self._on_ack, birth=self._birth, tls=tls, username=cfg.mqtt.username,
+            password=password,
         )
         self.publisher = OutboxPublisher(self.outbox, self._publish)
         self.mqtt.on_connected = self.publisher.on_connected
         self.line = Line(cfg, self.link, self.verdicts, self.publisher, self.hash)
+        self.alarms = Alarms(cfg.line.site, cfg.line.line, self._alarm_sink)
+        self.line.on_alarm = lambda kind, active, detail: self.alarms.condition(kind, active, detail)
+        self.line.on_event = self.alarms.event
+        self.inbound = Inbound(
+            cfg, self.verdicts, keyring, self.alarms, self.mqtt, self.link, self.line.counters,
+            set_mode=self._set_mode, status=self._status_info,
+        )
+        if cfg.verdicts.lookup:
+            self.line.ask = self.inbound.ask
         self.supervisor = ControllerSupervisor(cfg, self.link, self.line)
         self.notifier = SystemdNotifier()
-        self._inbound: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=1000)
+        self._stats_mark: tuple[float, dict[str, int], int] = (time.monotonic(), {}, 0)
         self.readers = [
             ReaderPort(
                 r.name, r.device,
@@ -89,11 +136,33 @@ class Agent:
 
     # --- callbacks ----------------------------------------------------------------------
     def _birth(self) -> dict[str, Any]:
+        ident = self.line.identity
         return messages.status_online(
             site=self.cfg.line.site, line=self.cfg.line.line, config_hash=self.hash,
-            contract=f"{self.line.identity.contract_major}.{self.line.identity.contract_minor}"
-            if self.line.identity else None,
+            contract=f"{ident.contract_major}.{ident.contract_minor}" if ident else None,
+            controller_firmware=".".join(map(str, ident.firmware)) if ident else None,
+            model_version=None, mode=self.line.mode.value,
         )
+
+    def _status_info(self) -> dict[str, Any]:
+        return {
+            **self._birth(),
+            "problems": list(self.line.problems),
+            "alarms": [{"alarm": k, "subject": s, "detail": d} for (k, s), d in self.alarms.active.items()],
+            "outbox_pending": self.outbox.count(),
+            "verdicts_stored": self.verdicts.count(),
+            "counters": dict(self.line.counters),
+        }
+
+    def _set_mode(self, mode: Mode) -> None:
+        self.line.mode = mode
+
+    def _alarm_sink(self, alarm_id: str, payload: bytes) -> None:
+        if self.line.outbox_ok:
+            self.line.queue_alarm(alarm_id, payload)
+        elif self.mqtt.connected.is_set():
+            # the outbox cannot store: say so anyway, best effort
+            self.mqtt.publish(messages.topic(self.cfg.topic_root, "alarms"), payload, qos=1)
 
     def _publish(self, topic: str, payload: bytes) -> int:
         return self.mqtt.publish(topic, payload, qos=1)
@@ -101,35 +170,17 @@ class Agent:
     def _on_ack(self, mid: int) -> None:
         self.publisher.on_ack(mid)
 
-    def _on_mqtt(self, topic: str, payload: bytes) -> None:
-        try:
-            self._inbound.put_nowait((topic, payload))
-        except asyncio.QueueFull:
-            self.line.counters["inbound_dropped_flood"] += 1
-            log.warning("inbound MQTT queue full; message dropped", topic=topic)
+    def _on_mqtt(self, topic: str, payload: bytes, meta: MessageMeta) -> None:
+        self.inbound.offer(topic, payload, meta)
 
     def _reader_state(self, name: str, up: bool, detail: str) -> None:
         if self._reader_up.get(name) != up:
             (log.info if up else log.error)("reader " + ("online" if up else "offline"), reader=name, detail=detail)
+            if name in self._reader_up or not up:
+                self.alarms.condition("reader_offline", not up, detail, subject=name)
             self._reader_up[name] = up
 
     # --- tasks --------------------------------------------------------------------------
-    async def _inbound_loop(self) -> None:
-        root = self.cfg.topic_root
-        while True:
-            topic, payload = await self._inbound.get()
-            if topic == messages.topic(root, "verdicts"):
-                batch_id, items, problems = messages.parse_verdict_batch(payload)
-                for p in problems:
-                    log.warning("verdict batch problem", batch_id=batch_id, problem=p)
-                    self.line.counters["verdicts_rejected"] += 1
-                if items:
-                    changed = await self.verdicts.store(items)
-                    self.line.counters["verdicts_stored"] += changed
-                    log.debug("verdict batch stored", batch_id=batch_id, items=len(items), changed=changed)
-            else:
-                log.warning("unhandled inbound topic", topic=topic)
-
     async def _housekeeping(self) -> None:
         # systemd restarts us if the loop stalls for WatchdogSec: ping at a quarter of it
         ping_every = self.notifier.watchdog_s / 4 if self.notifier.watchdog_s else None
@@ -145,21 +196,52 @@ class Agent:
             if now >= next_stats:
                 next_stats = now + self.cfg.health.stats_interval_s
                 self._publish_stats()
+                fill = self.outbox.fill
+                if fill >= self.cfg.outbox.alarm_at or fill < self.cfg.outbox.alarm_at - 0.1:
+                    self.alarms.condition(
+                        "outbox_filling", fill >= self.cfg.outbox.alarm_at,
+                        f"outbox at {fill:.0%} of its budget ({self.outbox.count()} records)",
+                    )
             await asyncio.sleep(0.05)
 
     def _publish_stats(self) -> None:
-        lat = sorted(self.line.latencies_ms[-2000:])
+        """Line statistics for the last interval (and totals in ``counters``)."""
+        now = time.monotonic()
+        t0, before, lat_from = self._stats_mark
+        counters = dict(self.line.counters)
+        delta = {k: v - before.get(k, 0) for k, v in counters.items()}
+        lat = sorted(self.line.latencies_ms[lat_from:])
+        self._stats_mark = (now, counters, len(self.line.latencies_ms))
+        if len(self.line.latencies_ms) > 100_000:
+            del self.line.latencies_ms[:50_000]
+            self._stats_mark = (now, counters, len(self.line.latencies_ms))
+        interval = max(now - t0, 1e-6)
+        parcels = delta.get("triggers", 0)
+        released = delta.get("decided_release", 0)
         stats = {
             "schema": messages.SCHEMA_STATS,
             "at": messages.iso(),
-            "counters": dict(self.line.counters),
-            "decision_ms_p50": lat[len(lat) // 2] if lat else None,
-            "decision_ms_p99": lat[int(len(lat) * 0.99)] if lat else None,
+            "site": self.cfg.line.site,
+            "line": self.cfg.line.line,
+            "interval_s": round(interval, 3),
+            "parcels": parcels,
+            "parcels_per_hour": round(parcels * 3600 / interval, 1),
+            "released": released,
+            "inspected": delta.get("decided_inspection", 0),
+            "release_ratio": round(released / parcels, 4) if parcels else None,
+            "noread_rate": round(delta.get("reason_no_read", 0) / parcels, 4) if parcels else None,
+            "decision_ms": {
+                "p50": round(lat[len(lat) // 2], 2) if lat else None,
+                "p99": round(lat[int(len(lat) * 0.99)], 2) if lat else None,
+                "max": round(lat[-1], 2) if lat else None,
+            },
             "outbox_pending": self.outbox.count(),
             "problems": list(self.line.problems),
+            "mode": self.line.mode.value,
+            "counters": counters,
         }
         if self.mqtt.connected.is_set():
-            self.mqtt.publish(messages.topic(self.cfg.topic_root, "stats"), json.dumps(stats), qos=0)
+            self.mqtt.publish(messages.topic(self.cfg.topic_root, "stats"), messages.dumps(stats), qos=0)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -175,7 +257,8 @@ class Agent:
                     tg.create_task(r.run(), name=f"reader-{r.name}")
                 tg.create_task(self.line.run_recorder(), name="recorder")
                 tg.create_task(self.publisher.run(), name="outbox")
-                tg.create_task(self._inbound_loop(), name="verdicts")
+                tg.create_task(self.inbound.run(), name="inbound")
+                tg.create_task(self.outbox.prune_decisions(older_than_s=3600), name="prune")
                 tg.create_task(self._housekeeping(), name="housekeeping")
                 tg.create_task(self._report_readiness(), name="readiness")
                 # A failing task (a contract mismatch in "controller") cancels this wait and
@@ -208,11 +291,19 @@ class _Stop(Exception):
     pass
 
 
+async def _main(cfg: Config) -> None:
+    await Agent(cfg).run()
+
+
 def run_agent(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
     code = 0
     try:
-        asyncio.run(Agent(cfg).run())
+        asyncio.run(_main(cfg))
+    except* StartupError as eg:
+        for exc in eg.exceptions:
+            log.error("cannot start", error=str(exc))
+        code = 2
     except* ContractMismatch as eg:
         for exc in eg.exceptions:
             log.error("controller contract mismatch; refusing to run", error=str(exc))

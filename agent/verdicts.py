@@ -10,6 +10,7 @@ connection (WAL) and are a primary-key read, fast enough for the per-parcel hot 
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
 from pathlib import Path
@@ -19,7 +20,16 @@ from agent.messages import VerdictItem
 from agent.sqlite_store import SqliteStore
 from agent.waybill import normalize
 
+
+def digest(item: VerdictItem) -> str:
+    return hashlib.sha256(item.model_dump_json().encode()).hexdigest()[:32]
+
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS seen (
+    verdict_id TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS verdicts (
     waybill TEXT PRIMARY KEY,
     verdict TEXT NOT NULL,
@@ -45,9 +55,14 @@ class VerdictStore:
             issued = it.issued_at.timestamp()
             expires = it.expires_at.timestamp() if it.expires_at else issued + self.default_ttl_s
             rows.append((normalize(it.waybill), it.verdict, it.verdict_id, issued, expires, now))
+        seen = [(it.verdict_id, digest(it), r[4]) for it, r in zip(items, rows, strict=True)]
 
         def upsert(conn: sqlite3.Connection) -> int:
             conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT INTO seen(verdict_id, digest, expires_at) VALUES (?,?,?) ON CONFLICT DO NOTHING",
+                seen,
+            )
             before = conn.total_changes
             conn.executemany(
                 """INSERT INTO verdicts(waybill, verdict, verdict_id, issued_at, expires_at, received_at)
@@ -59,10 +74,25 @@ class VerdictStore:
                    WHERE excluded.issued_at > verdicts.issued_at""",
                 rows,
             )
+            changed = conn.total_changes - before
+            conn.execute("DELETE FROM seen WHERE expires_at < ?", (now - 86_400,))
             conn.execute("COMMIT")
-            return conn.total_changes - before
+            return changed
 
         return await self.db.write(upsert)
+
+    def replay_check(self, item: VerdictItem) -> str | None:
+        """``replayed`` if this verdict id was seen with other content, or an older verdict than
+        the stored one is offered; ``duplicate`` for an identical redelivery; None if new."""
+        rows = self.db.read("SELECT digest FROM seen WHERE verdict_id = ?", (item.verdict_id,))
+        if rows:
+            return "duplicate" if rows[0][0] == digest(item) else "replayed"
+        stored = self.db.read(
+            "SELECT issued_at FROM verdicts WHERE waybill = ?", (normalize(item.waybill),)
+        )
+        if stored and stored[0][0] >= item.issued_at.timestamp():
+            return "replayed"
+        return None
 
     def lookup(self, waybill: str, now: float | None = None) -> VerdictLookup:
         rows = self.db.read(

@@ -15,11 +15,24 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.security import sign_item
 
 
 class Central:
-    def __init__(self, host: str, port: int, topic_root: str) -> None:
+    """``known``: waybill -> verdict for answering look-ups (a waybill not in it is unknown).
+    ``signing``: (private key base64, key id) to sign every verdict it sends."""
+
+    def __init__(
+        self, host: str, port: int, topic_root: str, known: dict[str, str] | None = None,
+        signing: tuple[str, str] | None = None, client_id: str | None = None,
+    ) -> None:
         self.root = topic_root
+        self.known = known or {}
+        self.signing = signing
+        self.lookups = 0
         self.records: dict[str, dict[str, Any]] = {}
         self.record_order: list[str] = []
         self.duplicates = 0
@@ -27,9 +40,12 @@ class Central:
         self.alarms: list[dict[str, Any]] = []
         self.stats: list[dict[str, Any]] = []
         self.bad_payloads = 0
+        self.replies: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._connected = threading.Event()
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"central-{uuid.uuid4().hex[:8]}",
+        # A persistent session: records published while central is away (a broker restart) are
+        # kept by the broker and delivered when it reconnects.
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"central-{uuid.uuid4().hex[:8]}",
                         protocol=mqtt.MQTTv5)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
@@ -38,7 +54,9 @@ class Central:
         self.host, self.port = host, port
 
     def start(self, timeout_s: float = 10.0) -> Central:
-        self.client.connect(self.host, self.port, keepalive=30)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect(self.host, self.port, keepalive=30, clean_start=False, properties=props)
         self.client.loop_start()
         if not self._connected.wait(timeout_s):
             raise RuntimeError("central could not connect to the broker")
@@ -53,6 +71,8 @@ class Central:
         client.subscribe(f"{self.root}/status", qos=1)
         client.subscribe(f"{self.root}/alarms", qos=1)
         client.subscribe(f"{self.root}/stats", qos=0)
+        client.subscribe(f"{self.root}/verdicts/request", qos=1)
+        client.subscribe(f"{self.root}/cmd/reply", qos=1)
         self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -62,6 +82,9 @@ class Central:
             self.bad_payloads += 1
             return
         leaf = msg.topic.rsplit("/", 1)[-1]
+        if leaf == "request":
+            self._answer(data, msg)
+            return
         with self._lock:
             if leaf == "parcels":
                 rid = data.get("record_id")
@@ -76,6 +99,34 @@ class Central:
                 self.alarms.append(data)
             elif leaf == "stats":
                 self.stats.append(data)
+            elif leaf == "reply":
+                self.replies.append(data)
+
+    def _answer(self, request: dict[str, Any], msg: mqtt.MQTTMessage) -> None:
+        """Answer a verdict look-up on its response topic, echoing the correlation data."""
+        self.lookups += 1
+        props_in = msg.properties
+        waybill = request.get("waybill", "")
+        verdict = self.known.get(waybill)
+        answer: dict[str, Any] = {"schema": "sortgate.verdict_answer/1", "waybill": waybill, "found": verdict is not None}
+        if verdict is not None:
+            answer["verdict"] = self.item(waybill, verdict)
+        props = Properties(PacketTypes.PUBLISH)
+        props.CorrelationData = getattr(props_in, "CorrelationData", b"")
+        self.client.publish(getattr(props_in, "ResponseTopic", ""), json.dumps(answer), qos=1, properties=props)
+
+    def item(self, waybill: str, verdict: str, ttl_s: float = 86_400, issued: datetime | None = None) -> dict[str, Any]:
+        now = issued or datetime.now(UTC)
+        item = {
+            "waybill": waybill,
+            "verdict": verdict,
+            "verdict_id": uuid.uuid4().hex[:12],
+            "issued_at": now.isoformat(),
+            "expires_at": (now + timedelta(seconds=ttl_s)).isoformat(),
+        }
+        if self.signing:
+            item = sign_item(item, *self.signing)
+        return item
 
     def records_by_seq(self) -> dict[int, dict[str, Any]]:
         with self._lock:
@@ -91,23 +142,20 @@ class Central:
 
     def push_verdicts(self, items: list[tuple[str, str]], ttl_s: float = 86_400) -> None:
         """Publish one batch of (waybill, verdict) pairs at QoS 1 and wait for the PUBACK."""
-        now = datetime.now(UTC)
-        batch = {
-            "schema": "sortgate.verdicts/1",
-            "batch_id": uuid.uuid4().hex[:16],
-            "verdicts": [
-                {
-                    "waybill": w,
-                    "verdict": v,
-                    "verdict_id": uuid.uuid4().hex[:12],
-                    "issued_at": now.isoformat(),
-                    "expires_at": (now + timedelta(seconds=ttl_s)).isoformat(),
-                }
-                for w, v in items
-            ],
-        }
+        self.push_items([self.item(w, v, ttl_s) for w, v in items])
+
+    def push_items(self, items: list[dict[str, Any]]) -> None:
+        batch = {"schema": "sortgate.verdicts/1", "batch_id": uuid.uuid4().hex[:16], "verdicts": items}
         self.publish_raw(f"{self.root}/verdicts", json.dumps(batch).encode())
 
-    def publish_raw(self, topic: str, payload: bytes) -> None:
-        info = self.client.publish(topic, payload, qos=1)
-        info.wait_for_publish(timeout=5)
+    def publish_raw(self, topic: str, payload: bytes, **props: Any) -> None:
+        properties = None
+        if props:
+            properties = Properties(PacketTypes.PUBLISH)
+            for k, v in props.items():
+                setattr(properties, k, v)
+        info = self.client.publish(topic, payload, qos=1, properties=properties)
+        try:
+            info.wait_for_publish(timeout=5)
+        except RuntimeError:
+            pass  # not connected (a broker restart): paho keeps it queued and sends it on reconnect

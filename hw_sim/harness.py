@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -59,6 +60,8 @@ class RunSpec:
     line: str = "L1"
     extra_config: str = ""  # appended TOML (tests of config handling)
     controller_overrides: dict[str, Any] = field(default_factory=dict)  # ControllerParams fields
+    signing: tuple[str, str] | None = None  # central signs verdicts: (private key b64, key id)
+    push_fraction: float = 1.0  # share of known verdicts pushed ahead; the rest only by look-up
 
 
 @dataclass
@@ -238,7 +241,11 @@ class LineRun:
             agent_config(self.spec, controller=controller_toml, readers=self.readers,
                          mqtt_port=self.broker.port, state_dir=self.dir / "state")
         )
-        self.central = Central("127.0.0.1", self.broker.port, self.topic_root).start()
+        known = {p.waybill: p.verdict for p in self.plan.parcels if p.waybill and p.verdict != "none"}
+        self.central = Central(
+            "127.0.0.1", self.broker.port, self.topic_root, known=known, signing=self.spec.signing,
+            client_id=f"central-{self.spec.site}-{self.spec.line}",
+        ).start()
         self.model.on_command = None
         try:
             self.start_agent()
@@ -274,6 +281,10 @@ class LineRun:
         batch = 100
         lead_s = 5.0
         parcels = [p for p in self.plan.parcels if p.verdict != "none" and p.waybill]
+        if self.spec.push_fraction < 1.0:
+            # the others are known to central only when the agent asks (MQTT 5 look-up)
+            pick = random.Random(self.spec.seed)
+            parcels = [p for p in parcels if pick.random() < self.spec.push_fraction]
         for i in range(0, len(parcels), batch):
             chunk = parcels[i : i + batch]
             wait = t0 + chunk[0].offset_s - lead_s - loop.time()
@@ -405,9 +416,7 @@ class LineRun:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _rng(index: int) -> Any:
-    import random
-
+def _rng(index: int) -> random.Random:
     return random.Random(index * 7919)
 
 
