@@ -54,10 +54,18 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_line(args: argparse.Namespace) -> int:
-    from hw_sim.harness import RunSpec, run_line
+    from hw_sim.harness import RunSpec, chaos_steps, run_line
+    from hw_sim.plan import make_plan
 
+    plan = make_plan(args.parcels, args.rate, args.seed, args.speed, args.readers)
+    names = [n for n in (args.chaos or "").split(",") if n]
+    try:
+        steps = chaos_steps(names, plan.duration_s)
+    except ValueError as exc:
+        print(f"sortgate bench line: {exc}", file=sys.stderr)
+        return 2
     spec = RunSpec(parcels=args.parcels, rate=args.rate, seed=args.seed, speed_mps=args.speed,
-                   readers=args.readers, transport=args.transport)
+                   readers=args.readers, transport=args.transport, plan=plan, chaos_steps=steps)
     _, metrics = asyncio.run(run_line(spec))
     metrics = {"bench": "line", "rate": args.rate, "transport": args.transport, **metrics}
     if args.json:
@@ -99,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("line", help="the whole line against hw_sim; figures on the simulator side")
     _line_args(b, parcels=2000, rate=10.0)
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--chaos", default="", help="faults during the run: agent-kill,broker-restart")
     b.set_defaults(func=_cmd_bench_line)
     return parser
 

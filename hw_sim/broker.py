@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -41,8 +42,13 @@ class Mosquitto:
 
     def start(self, timeout_s: float = 10.0) -> Mosquitto:
         conf = self.dir / "mosquitto.conf"
+        # Started as root, mosquitto drops to the "mosquitto" user, which cannot write its
+        # persistence file into our private folder: sessions would silently not survive a
+        # restart. Keep it as the invoking user instead.
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name}\n" if os.geteuid() == 0 else ""
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
+            user
+            + f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.dir}/\n"
@@ -74,6 +80,12 @@ class Mosquitto:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def log_text(self) -> str:
+        try:
+            return (self.dir / "mosquitto.log").read_text(errors="replace")
+        except OSError:
+            return ""
 
     def __enter__(self) -> Mosquitto:
         return self.start()

@@ -52,7 +52,6 @@ class RunSpec:
     framing: str = "crlf"  # "crlf" | "stx_etx"
     decision_distance_m: float = 1.5
     watchdog_ms: int = 500
-    kill_agent_at_s: float | None = None  # SIGKILL the agent this long after the first parcel
     reader_noise: dict[int, bytes] = field(default_factory=dict)  # parcel index -> bytes sent before its frame
     plan: Plan | None = None
     agent_log_level: str = "info"
@@ -61,6 +60,9 @@ class RunSpec:
     extra_config: str = ""  # appended TOML (tests of config handling)
     controller_overrides: dict[str, Any] = field(default_factory=dict)  # ControllerParams fields
     signing: tuple[str, str] | None = None  # central signs verdicts: (private key b64, key id)
+    # timed faults, (seconds after the first parcel, action): "agent-kill" (SIGKILL), "agent-start",
+    # "broker-stop", "broker-start"
+    chaos_steps: list[tuple[float, str]] = field(default_factory=list)
     push_fraction: float = 1.0  # share of known verdicts pushed ahead; the rest only by look-up
 
 
@@ -73,7 +75,7 @@ class Truth:
     t_frames: list[float] = field(default_factory=list)
     lane_reached: int | None = None
     disposition: str | None = None
-    after_kill: bool = False
+    after_kill: bool = False  # triggered after the agent was first killed
 
     @property
     def last_input(self) -> float | None:
@@ -179,6 +181,9 @@ class LineRun:
         self.central: Central | None = None
         self.agent: subprocess.Popen[bytes] | None = None
         self.agent_rusage: Any = None
+        self._rusage_parts: list[Any] = []  # one per agent process that has ended
+        self.chaos_log: list[tuple[float, str]] = []
+        self.agent_starts = 0
         self.killed_at: float | None = None
         self.exited = 0
         self.metrics: dict[str, Any] = {}
@@ -205,6 +210,7 @@ class LineRun:
         return server, f'transport = "tcp"\nhost = "127.0.0.1"\nport = {port}', None
 
     def start_agent(self) -> None:
+        self.agent_starts += 1
         log = open(self.agent_log, "ab")  # noqa: SIM115 - closed with the process
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.agent = subprocess.Popen(
@@ -255,7 +261,9 @@ class LineRun:
             await asyncio.sleep(0.3)  # first verdict batches are in the agent's store
             feeder = asyncio.create_task(self._feed(t0), name="feeder")
             progress = asyncio.create_task(self._progress(), name="progress")
+            chaos = asyncio.create_task(self._chaos(t0), name="chaos")
             await feeder
+            await chaos
             await self._settle()
             if progress.done():
                 progress.result()  # a failing progress callback must not fail silently
@@ -274,6 +282,25 @@ class LineRun:
                 r.close()
             if self._own_broker and self.broker:
                 self.broker.stop()
+
+    async def _chaos(self, t0: float) -> None:
+        """Run the timed faults. Blocking steps run in a thread so the belt keeps moving."""
+        loop = asyncio.get_running_loop()
+        for at, action in sorted(self.spec.chaos_steps):
+            await asyncio.sleep(max(0.0, t0 + at - loop.time()))
+            self.chaos_log.append((round(loop.time() - t0, 2), action))
+            if action == "agent-kill":
+                await asyncio.to_thread(self.kill_agent, True)
+            elif action == "agent-start":
+                self.start_agent()
+            elif action == "broker-stop":
+                assert self.broker is not None
+                await asyncio.to_thread(self.broker.stop)
+            elif action == "broker-start":
+                assert self.broker is not None
+                await asyncio.to_thread(self.broker.start)
+            else:
+                raise ValueError(f"unknown chaos action {action!r}")
 
     async def _push_verdicts(self, t0: float) -> None:
         assert self.central is not None
@@ -299,9 +326,6 @@ class LineRun:
         for truth in self.truth:
             p = truth.planned
             when = t0 + p.offset_s
-            if self.spec.kill_agent_at_s is not None and self.killed_at is None and when >= t0 + self.spec.kill_agent_at_s:
-                await asyncio.sleep(max(0.0, t0 + self.spec.kill_agent_at_s - loop.time()))
-                self.kill_agent()
             await asyncio.sleep(max(0.0, when - loop.time()))
             done: asyncio.Future[None] = loop.create_future()
             pending.append(done)
@@ -343,7 +367,7 @@ class LineRun:
     async def _settle(self, timeout_s: float = 20.0) -> None:
         """Wait for the last records to reach central."""
         assert self.central is not None
-        if self.killed_at is not None:
+        if self.agent is None or self.agent.poll() is not None:
             timeout_s = 3.0  # a dead agent publishes nothing more; give in-flight records a moment
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and len(self.central.records) < len(self.truth):
@@ -356,14 +380,22 @@ class LineRun:
             await asyncio.sleep(0.25)
 
     # --- the agent process --------------------------------------------------------------
-    def kill_agent(self) -> None:
+    def kill_agent(self, reap: bool = False) -> None:
+        """SIGKILL the agent (no clean shutdown: no last words, no flush)."""
         if self.agent and self.agent.poll() is None:
             self.agent.send_signal(signal.SIGKILL)
             self.killed_at = time.monotonic()
+            if reap:
+                _, status, rusage = os.wait4(self.agent.pid, 0)
+                self.agent.returncode = os.waitstatus_to_exitcode(status)
+                self._rusage_parts.append(rusage)
 
     async def stop_agent(self) -> None:
         proc = self.agent
         if proc is None or self.agent_rusage is not None:
+            return
+        if proc.returncode is not None:  # already reaped (killed by a chaos step, not restarted)
+            self.agent_rusage = self._rusage_parts
             return
         if proc.returncode is None:
             try:
@@ -373,7 +405,7 @@ class LineRun:
         try:
             _, status, rusage = await asyncio.wait_for(asyncio.to_thread(os.wait4, proc.pid, 0), 10)
             proc.returncode = os.waitstatus_to_exitcode(status)
-            self.agent_rusage = rusage
+            self.agent_rusage = [*self._rusage_parts, rusage]
         except (TimeoutError, ChildProcessError):
             proc.kill()
 
@@ -401,16 +433,25 @@ class LineRun:
             "records_published": sum(1 for s in seqs if s in records),
             "expected_release": sum(t.planned.expected_lane == "release" for t in truths),
         }
+        if self.spec.chaos_steps:
+            unique = m["records_published"]
+            m["records_unique"] = unique
+            m["records_lost"] = m["parcels"] - unique
+            m["duplicates"] = self.central.duplicates
+            m["agent_starts"] = self.agent_starts
+            m["chaos"] = [f"{t}s {a}" for t, a in self.chaos_log]
         self.metrics = m  # the agent process's own figures are added when it ends
         return m
 
     def add_process_figures(self) -> None:
-        ru = self.agent_rusage
-        if ru is None or not self.metrics:
+        """Peak RSS and CPU time of the agent, over every process it ran as."""
+        parts = self.agent_rusage
+        if not parts or not self.metrics:
             return
         n = max(self.metrics["parcels"], 1)
-        self.metrics["rss_mb"] = round(ru.ru_maxrss / 1024, 1)
-        self.metrics["cpu_ms_per_parcel"] = round((ru.ru_utime + ru.ru_stime) * 1000 / n, 2)
+        self.metrics["rss_mb"] = round(max(ru.ru_maxrss for ru in parts) / 1024, 1)
+        cpu_s = sum(ru.ru_utime + ru.ru_stime for ru in parts)
+        self.metrics["cpu_ms_per_parcel"] = round(cpu_s * 1000 / n, 2)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -430,3 +471,21 @@ async def run_line(spec: RunSpec, broker: Mosquitto | None = None,
     finally:
         if not keep:
             run.cleanup()
+
+
+CHAOS = {
+    # SIGKILL the agent at 30% of the run; systemd restarts it (RestartSec=1)
+    "agent-kill": [(0.30, 0.0, "agent-kill"), (0.30, 1.0, "agent-start")],
+    # stop mosquitto at 60% of the run and start it again 2 s later
+    "broker-restart": [(0.60, 0.0, "broker-stop"), (0.60, 2.0, "broker-start")],
+}
+
+
+def chaos_steps(names: list[str], duration_s: float) -> list[tuple[float, str]]:
+    """Timed steps for the named faults over a run of ``duration_s`` seconds."""
+    steps = []
+    for name in names:
+        if name not in CHAOS:
+            raise ValueError(f"unknown chaos {name!r}; known: {', '.join(CHAOS)}")
+        steps += [(frac * duration_s + delay, action) for frac, delay, action in CHAOS[name]]
+    return sorted(steps)

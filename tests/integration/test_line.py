@@ -73,7 +73,7 @@ async def test_killing_the_agent_trips_the_watchdog_and_later_parcels_go_to_insp
     broker: Mosquitto, line_name: str
 ) -> None:
     plan = make_plan(60, rate=10, seed=12)
-    spec = RunSpec(plan=plan, line=line_name, rate=10, kill_agent_at_s=3.0, watchdog_ms=500)
+    spec = RunSpec(plan=plan, line=line_name, rate=10, chaos_steps=[(3.0, "agent-kill")], watchdog_ms=500)
     run, m = await run_line(spec, broker=broker, keep=True)
     try:
         assert run.killed_at is not None
