@@ -76,6 +76,42 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys_gen(args: argparse.Namespace) -> int:
+    import os
+
+    from agent.security import generate_keypair
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    private, public = generate_keypair()
+    key_path, pub_path = out / f"{args.key_id}.key", out / f"{args.key_id}.pub"
+    if key_path.exists() and not args.force:
+        print(f"sortgate keys gen: {key_path} exists (use --force to replace it)", file=sys.stderr)
+        return 2
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(private + "\n")
+    pub_path.write_text(f"{args.key_id} {public}\n")
+    print(f"private key: {key_path} (keep it at the central system only)")
+    print(f"public key:  {pub_path} (append to the agents' trusted_keys_file)")
+    return 0
+
+
+def _cmd_verdicts_sign(args: argparse.Namespace) -> int:
+    from agent.security import sign_item
+
+    private = args.key.read_text().strip()
+    try:
+        batch = json.load(sys.stdin)
+        batch["verdicts"] = [sign_item(item, private, args.key_id) for item in batch["verdicts"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"sortgate verdicts sign: stdin is not a verdict batch: {exc}", file=sys.stderr)
+        return 2
+    json.dump(batch, sys.stdout, indent=2)
+    print()
+    return 0
+
+
 def _line_args(p: argparse.ArgumentParser, parcels: int, rate: float) -> None:
     p.add_argument("--parcels", type=int, default=parcels, help=f"parcels to run (default {parcels})")
     p.add_argument("--rate", type=float, default=rate, help=f"parcels per second (default {rate})")
@@ -109,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--chaos", default="", help="faults during the run: agent-kill,broker-restart")
     b.set_defaults(func=_cmd_bench_line)
+
+    p = sub.add_parser("keys", help="Ed25519 keys for signed verdicts")
+    ksub = p.add_subparsers(dest="keys", required=True)
+    k = ksub.add_parser("gen", help="make a key pair: <out>/<key-id>.key (private) and .pub")
+    k.add_argument("--key-id", required=True)
+    k.add_argument("--out", type=Path, default=Path("."))
+    k.add_argument("--force", action="store_true")
+    k.set_defaults(func=_cmd_keys_gen)
+
+    p = sub.add_parser("verdicts", help="verdict tools for central teams and tests")
+    vsub = p.add_subparsers(dest="verdicts", required=True)
+    v = vsub.add_parser("sign", help="sign every item of a verdict batch read from stdin")
+    v.add_argument("--key", type=Path, required=True, help="private key file from `keys gen`")
+    v.add_argument("--key-id", required=True)
+    v.set_defaults(func=_cmd_verdicts_sign)
     return parser
 
 

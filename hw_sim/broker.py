@@ -34,8 +34,12 @@ def find_mosquitto() -> str:
 class Mosquitto:
     """A mosquitto process on 127.0.0.1:<port>, with persistence in a private folder."""
 
-    def __init__(self, port: int | None = None, extra_conf: str = "") -> None:
+    def __init__(
+        self, port: int | None = None, extra_conf: str = "", tls: tuple[str, str, str] | None = None
+    ) -> None:
+        """``tls``: (cafile, certfile, keyfile) makes the listener TLS with client certificates."""
         self.port = port or free_port()
+        self.tls = tls
         self.dir = Path(tempfile.mkdtemp(prefix="sortgate-mosq-"))
         self.extra_conf = extra_conf
         self.proc: subprocess.Popen[bytes] | None = None
@@ -49,23 +53,27 @@ class Mosquitto:
         conf.write_text(
             user
             + f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            + (
+                f"cafile {self.tls[0]}\ncertfile {self.tls[1]}\nkeyfile {self.tls[2]}\n"
+                "require_certificate true\nuse_identity_as_username true\n"
+                if self.tls else ""
+            )
+            + "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.dir}/\n"
             "max_queued_messages 100000\n"
             f"{self.extra_conf}\n"
         )
+        seen = len(self.log_text())  # readiness counts only what this start writes
         log = open(self.dir / "mosquitto.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=log, stderr=log)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mosquitto exited: {(self.dir / 'mosquitto.log').read_text()[-500:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
+            if f"Opening ipv4 listen socket on port {self.port}" in self.log_text()[seen:]:
+                return self
+            time.sleep(0.05)
         raise RuntimeError(f"mosquitto did not listen on {self.port} in {timeout_s}s")
 
     def stop(self) -> None:

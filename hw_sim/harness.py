@@ -61,8 +61,8 @@ class RunSpec:
     controller_overrides: dict[str, Any] = field(default_factory=dict)  # ControllerParams fields
     signing: tuple[str, str] | None = None  # central signs verdicts: (private key b64, key id)
     # timed faults, (seconds after the first parcel, action): "agent-kill" (SIGKILL), "agent-start",
-    # "broker-stop", "broker-start"
-    chaos_steps: list[tuple[float, str]] = field(default_factory=list)
+    # "broker-stop", "broker-start", or a callable run(LineRun) in a worker thread
+    chaos_steps: list[tuple[float, Any]] = field(default_factory=list)
     push_fraction: float = 1.0  # share of known verdicts pushed ahead; the rest only by look-up
 
 
@@ -286,10 +286,12 @@ class LineRun:
     async def _chaos(self, t0: float) -> None:
         """Run the timed faults. Blocking steps run in a thread so the belt keeps moving."""
         loop = asyncio.get_running_loop()
-        for at, action in sorted(self.spec.chaos_steps):
+        for at, action in sorted(self.spec.chaos_steps, key=lambda step: step[0]):
             await asyncio.sleep(max(0.0, t0 + at - loop.time()))
-            self.chaos_log.append((round(loop.time() - t0, 2), action))
-            if action == "agent-kill":
+            self.chaos_log.append((round(loop.time() - t0, 2), getattr(action, "__name__", action)))
+            if callable(action):
+                await asyncio.to_thread(action, self)
+            elif action == "agent-kill":
                 await asyncio.to_thread(self.kill_agent, True)
             elif action == "agent-start":
                 self.start_agent()
