@@ -5,10 +5,11 @@ Task map (all on one asyncio loop, in one TaskGroup; see docs/code-overview.md):
   controller     ControllerSupervisor.run: connect, poll, heartbeat, rings → Line
   reader-<name>  ReaderPort.run per reader: serial bytes → frames → Line
   parcel-<seq>   Line._run_parcel per trigger: wait for reads, decide, command
-  recorder       Line.run_recorder: parcel records → outbox (in result order)
+  recorder       Line.run_recorder: parcel records and alarms → outbox (in order)
   outbox         OutboxPublisher.run: outbox → MQTT, delete on PUBACK
-  verdicts       verdict batches from MQTT → VerdictStore
-  housekeeping   read-window expiry, missing results, systemd watchdog, stats
+  inbound        Inbound.run: verdict batches (checked, then stored) and commands
+  housekeeping   read-window expiry, missing results, systemd watchdog, stats, outbox fill
+  readiness      sd_notify READY / STATUS as the controller link comes and goes
 
 Threads besides the loop: paho's network thread, the outbox writer and the verdict writer (one
 each, SQLite commits), and pymodbus's none (it is asyncio).
