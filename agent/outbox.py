@@ -176,7 +176,6 @@ class OutboxPublisher:
         self._acked: list[tuple[int, int]] = []
         self.published = 0
         self.acked = 0
-        self.online = False
 
     async def put(
         self,
@@ -199,7 +198,6 @@ class OutboxPublisher:
 
     def on_connected(self) -> None:
         # paho resends what it already holds; we only need to keep feeding it.
-        self.online = True
         self._wake.set()
 
     async def run(self) -> None:
