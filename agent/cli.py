@@ -57,7 +57,10 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
     from hw_sim.harness import RunSpec, chaos_steps, run_line
     from hw_sim.plan import make_plan
 
-    plan = make_plan(args.parcels, args.rate, args.seed, args.speed, args.readers)
+    from hw_sim.plan import Mix
+
+    mix = Mix(hidden_item=0.06) if args.images else Mix()
+    plan = make_plan(args.parcels, args.rate, args.seed, args.speed, args.readers, mix=mix)
     names = [n for n in (args.chaos or "").split(",") if n]
     try:
         steps = chaos_steps(names, plan.duration_s)
@@ -65,9 +68,10 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
         print(f"sortgate bench line: {exc}", file=sys.stderr)
         return 2
     spec = RunSpec(parcels=args.parcels, rate=args.rate, seed=args.seed, speed_mps=args.speed,
-                   readers=args.readers, transport=args.transport, plan=plan, chaos_steps=steps)
+                   readers=args.readers, transport=args.transport, plan=plan, chaos_steps=steps,
+                   images=args.images)
     _, metrics = asyncio.run(run_line(spec))
-    metrics = {"bench": "line", "rate": args.rate, "transport": args.transport, **metrics}
+    metrics = {"bench": "line", "rate": args.rate, "transport": args.transport, "images": args.images, **metrics}
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -112,6 +116,29 @@ def _cmd_verdicts_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_eval(args: argparse.Namespace) -> int:
+    from agent.model_eval import evaluate
+    from agent.vision import ModelError
+
+    thresholds = None
+    if args.config:
+        try:
+            thresholds = load_config(args.config).vision.thresholds.model_dump()
+        except ConfigError as exc:
+            print("\n".join(exc.problems), file=sys.stderr)
+            return 2
+    try:
+        report = evaluate(args.images, args.model_dir, thresholds)
+    except ModelError as exc:
+        print(f"sortgate model eval: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
 def _line_args(p: argparse.ArgumentParser, parcels: int, rate: float) -> None:
     p.add_argument("--parcels", type=int, default=parcels, help=f"parcels to run (default {parcels})")
     p.add_argument("--rate", type=float, default=rate, help=f"parcels per second (default {rate})")
@@ -144,7 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     _line_args(b, parcels=2000, rate=10.0)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--chaos", default="", help="faults during the run: agent-kill,broker-restart")
+    b.add_argument("--images", action="store_true",
+                   help="X-ray images with the image check required; 6%% of parcels hide a prohibited item")
     b.set_defaults(func=_cmd_bench_line)
+
+    p = sub.add_parser("model", help="the on-device image-check model")
+    msub = p.add_subparsers(dest="model", required=True)
+    e = msub.add_parser("eval", help="measure the shipped model on a held-out synthetic set")
+    e.add_argument("--images", type=int, default=2500)
+    e.add_argument("--model-dir", type=Path, default=Path(__file__).resolve().parents[1] / "models")
+    e.add_argument("--config", type=Path, help="take the per-class thresholds from this config")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_cmd_model_eval)
 
     p = sub.add_parser("keys", help="Ed25519 keys for signed verdicts")
     ksub = p.add_subparsers(dest="keys", required=True)

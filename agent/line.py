@@ -21,10 +21,12 @@ Everything here runs on the event loop; nothing blocks (SQLite look-ups are prim
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -34,6 +36,7 @@ from agent.config import Config
 from agent.decision import (
     Decision,
     DecisionInputs,
+    ImageOutcome,
     Mode,
     ReaderOutcome,
     VerdictLookup,
@@ -43,6 +46,7 @@ from agent.decision import (
 from agent.matching import Match, Orphan, ReadMatcher
 from agent.outbox import OutboxPublisher
 from agent.verdicts import VerdictStore
+from agent.vision import ImageResult, VisionCheck
 from firmware_bridge import contract as c
 from firmware_bridge.errors import LinkError
 from firmware_bridge.modbus_link import ControllerLink
@@ -51,8 +55,11 @@ from firmware_bridge.reader_codec import Event, FramingError
 log = structlog.get_logger("sortgate.line")
 
 ACK_TIMEOUT_S = 0.1
-#: time kept back from a verdict look-up for writing the command before the safety margin
+#: time kept back from a verdict look-up (or the image check) for writing the command before the
+#: safety margin
 LOOKUP_RESERVE_S = 0.02
+#: the matcher's name for the X-ray image export, beside the readers' names
+IMAGE_SOURCE = "xray"
 
 
 @dataclass
@@ -74,6 +81,10 @@ class Parcel:
     line_problems: tuple[str, ...] = ()
     mode: Mode = Mode.NORMAL
     part: dict[str, Any] | None = None  # the decision half of the record, once decided
+    image_path: Any = None  # the matched X-ray image (a path, or a frame from a capture source)
+    image_done: bool = False  # the image source has answered (an image, or a time-out)
+    image: ImageResult | None = None
+    image_kept: str | None = None
 
     @property
     def key(self) -> str:
@@ -102,20 +113,25 @@ class Line:
         verdicts: VerdictStore,
         publisher: OutboxPublisher,
         config_hash: str,
+        vision: VisionCheck | None = None,
     ) -> None:
         self.cfg = cfg
+        self.vision = vision
         self.link = link
         self.verdicts = verdicts
         self.publisher = publisher
         self.config_hash = config_hash
         self.readers = [r.name for r in cfg.readers]
-        self.matcher = ReadMatcher(
-            self.readers,
-            {r.name: r.read_window_ms / 1000 for r in cfg.readers},
-            early_s=0.1,
-        )
+        windows = {r.name: r.read_window_ms / 1000 for r in cfg.readers}
+        # images named with the trigger sequence are matched exactly; others by order and window
+        self.image_seq = re.compile(cfg.vision.name_seq_regex) if cfg.vision.name_seq_regex else None
+        self._early_images: dict[int, tuple[Any, float]] = {}
+        if vision is not None:
+            windows[IMAGE_SOURCE] = cfg.vision.window_ms / 1000
+        self.matcher = ReadMatcher(list(windows), windows, early_s=0.1)
         self.margin_s = cfg.decision.safety_margin_ms / 1000
-        self.max_window_s = max(r.read_window_ms for r in cfg.readers) / 1000
+        self.max_window_s = max(windows.values())
+        self.trigger_hooks: list[Callable[[], None]] = []  # e.g. a capture source grabbing a frame
         self.parcels: dict[int, Parcel] = {}
         self.mode = Mode.NORMAL
         self.problems: tuple[str, ...] = ("controller_offline",)
@@ -158,8 +174,15 @@ class Line:
         p = Parcel(entry.seq, entry, now, time.time(), deadline, last_input_at=now)
         self.parcels[entry.seq] = p
         self.counters["triggers"] += 1
+        for hook in self.trigger_hooks:
+            hook()
         t_actual = now - max(travelled, 0) / max(speed_cps, 1.0)
         self._apply(self.matcher.add_trigger(entry.seq, now, t_actual))
+        if self.image_seq is not None:
+            self.matcher.cancel(IMAGE_SOURCE, entry.seq)  # images come by sequence, not by order
+            early = self._early_images.pop(entry.seq, None)
+            if early is not None:
+                self._attach_image(p, *early)
         task = asyncio.create_task(self._run_parcel(p), name=f"parcel-{entry.seq}")
         self._tasks.add(task)
         task.add_done_callback(self._parcel_done)
@@ -182,23 +205,57 @@ class Line:
             return
         self._apply(self.matcher.add_frame(reader, event, t))
 
+    def on_image(self, image: Any, t: float) -> None:
+        """An X-ray image (a file path or a frame) from the image source."""
+        m = self.image_seq.search(Path(image).name) if self.image_seq and isinstance(image, str) else None
+        if m is None:
+            self._apply(self.matcher.add_frame(IMAGE_SOURCE, image, t))
+            return
+        seq = int(m.group("seq"))
+        p = self.parcels.get(seq)
+        if p is None:  # before the poll has seen its trigger: keep it briefly
+            self._early_images[seq] = (image, t)
+            return
+        self._attach_image(p, image, t)
+
+    def _attach_image(self, p: Parcel, image: Any, t: float) -> None:
+        if p.decision is not None or p.image_done:
+            self.counters["image_late"] += 1
+            log.warning("image arrived after the parcel was decided; not used", seq=p.seq, image=str(image))
+            return
+        p.image_path, p.image_done = image, True
+        p.last_input_at = max(p.last_input_at, t)
+        if len(p.reads) == len(self.readers):
+            p.all_read.set()
+
     def tick(self, now: float) -> None:
-        """Periodic: expire read windows."""
+        """Periodic: expire read windows (and images that found no parcel)."""
         self._apply(self.matcher.expire(now))
+        for seq, (image, t) in list(self._early_images.items()):
+            if now - t > 1.0:
+                del self._early_images[seq]
+                self.counters["image_orphans"] += 1
+                log.warning("image matched no parcel", seq=seq, image=str(image))
 
     def _apply(self, events: list[Match | Orphan]) -> None:
         for ev in events:
             if isinstance(ev, Orphan):
                 self.counters["orphan_frames"] += 1
-                log.warning("reader frame matched no trigger", reader=ev.reader, codes=list(ev.frame.codes))
+                log.warning("frame matched no trigger", source=ev.source, payload=str(ev.payload)[:120])
                 continue
             p = self.parcels.get(ev.seq)
             if p is None or p.decision is not None:
                 continue
-            p.reads[ev.outcome.reader] = ev.outcome
+            if ev.source == IMAGE_SOURCE:
+                p.image_path = ev.payload  # None when it timed out
+                p.image_done = True
+            elif ev.timed_out:
+                p.reads[ev.source] = ReaderOutcome(ev.source, timed_out=True)
+            else:
+                p.reads[ev.source] = ReaderOutcome(ev.source, ev.payload.codes, no_read=ev.payload.no_read)
             if ev.t_frame is not None:
                 p.last_input_at = max(p.last_input_at, ev.t_frame)
-            if len(p.reads) == len(self.readers):
+            if len(p.reads) == len(self.readers) and (p.image_done or not self.vision):
                 p.all_read.set()
 
     # --- the decision task --------------------------------------------------------------
@@ -217,6 +274,7 @@ class Line:
                 # leave room for the command and its acknowledgement before the deadline
                 budget = p.deadline - self.margin_s - LOOKUP_RESERVE_S - time.monotonic()
                 p.verdict = await self.ask(waybill, min(budget, self.cfg.verdicts.lookup_timeout_ms / 1000))
+            image = await self._image_check(p)
             p.line_problems = self.problems
             p.mode = self.mode
             now = time.monotonic()
@@ -226,7 +284,7 @@ class Line:
                     reads=reads,
                     accept_formats=tuple(self.cfg.waybill.accept),
                     verdict=p.verdict,
-                    image=None,
+                    image=image,
                     line_problems=p.line_problems,
                     mode=p.mode,
                     late=late,
@@ -243,7 +301,23 @@ class Line:
                 log.warning("decision late; controller will default to inspection", reasons=p.decision.reasons)
             else:
                 await self._command(p)
+            if self.vision is not None and p.image is not None:
+                p.image_kept = await self.vision.after(
+                    p.image, p.image_path, f"{self.cfg.line.site}-{self.cfg.line.line}-{p.key.replace(':', '-')}",
+                    self.cfg.vision.consume,
+                )
             self._keep_decision(p)
+
+    async def _image_check(self, p: Parcel) -> ImageOutcome | None:
+        """Classify the parcel's image within what is left of its deadline."""
+        if self.vision is None:
+            return None
+        budget = p.deadline - self.margin_s - LOOKUP_RESERVE_S - time.monotonic()
+        p.image = await self.vision.check(p.image_path, budget)
+        self.counters[f"image_{p.image.status}"] += 1
+        if p.image.status == "flagged":
+            log.warning("image check flagged the parcel", item=p.image.top_class, score=p.image.score)
+        return ImageOutcome(self.cfg.vision.mode == "required", p.image.status, p.image.detail)
 
     async def _command(self, p: Parcel) -> None:
         assert p.lane is not None
@@ -361,7 +435,9 @@ class Line:
                 {"status": p.verdict.status, "verdict": p.verdict.verdict, "verdict_id": p.verdict.verdict_id}
                 if p.verdict else None
             ),
-            "image": None,
+            "image": (
+                p.image.record(self.vision.model_version, p.image_kept) if p.image and self.vision else None
+            ),
             "line_problems": list(p.line_problems),
             "mode": p.mode.value,
             "decision": (

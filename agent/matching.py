@@ -1,4 +1,6 @@
-"""Match reader frames to triggers. Pure: times are passed in.
+"""Match reader frames (and X-ray images) to triggers. Pure: times are passed in.
+
+Each *source* — a barcode reader, the X-ray image export — delivers one item per trigger.
 
 Readers fire on the same photo-eye as the controller's trigger, so each reader sends exactly one
 frame per trigger (a code, several codes, or its NoRead string), some milliseconds later. We match
@@ -23,9 +25,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-
-from agent.decision import ReaderOutcome
-from firmware_bridge.reader_codec import Frame
+from typing import Any
 
 
 #: clock and encoder rounding slack when comparing a frame's arrival with a trigger's capture
@@ -35,28 +35,29 @@ TOLERANCE_S = 0.002
 @dataclass(frozen=True, slots=True)
 class Match:
     seq: int
-    outcome: ReaderOutcome
-    t_frame: float | None  # when the frame arrived (None for a time-out)
+    source: str
+    payload: Any  # the frame or image; None when the source timed out for this trigger
+    t_frame: float | None  # when it arrived (None for a time-out)
+
+    @property
+    def timed_out(self) -> bool:
+        return self.t_frame is None
 
 
 @dataclass(frozen=True, slots=True)
 class Orphan:
-    reader: str
-    frame: Frame
+    source: str
+    payload: Any
     t_frame: float
 
 
 class ReadMatcher:
-    def __init__(self, readers: list[str], window_s: dict[str, float], early_s: float) -> None:
-        self.readers = readers
+    def __init__(self, sources: list[str], window_s: dict[str, float], early_s: float) -> None:
+        self.readers = sources
         self.window_s = window_s
         self.early_s = early_s
-        self._pending: dict[str, deque[tuple[int, float]]] = {r: deque() for r in readers}
-        self._early: dict[str, deque[tuple[Frame, float]]] = {r: deque() for r in readers}
-
-    @staticmethod
-    def _outcome(reader: str, frame: Frame) -> ReaderOutcome:
-        return ReaderOutcome(reader, frame.codes, no_read=frame.no_read)
+        self._pending: dict[str, deque[tuple[int, float]]] = {r: deque() for r in sources}
+        self._early: dict[str, deque[tuple[Any, float]]] = {r: deque() for r in sources}
 
     def add_trigger(self, seq: int, t_seen: float, t_actual: float | None = None) -> list[Match | Orphan]:
         """A trigger the agent has just seen; ``t_actual`` is when the photo-eye fired."""
@@ -69,17 +70,18 @@ class ReadMatcher:
                 out.append(Orphan(reader, frame, t_frame))  # older than this trigger: not its frame
             if early:
                 frame, t_frame = early.popleft()
-                out.append(Match(seq, self._outcome(reader, frame), t_frame))
+                out.append(Match(seq, reader, frame, t_frame))
             else:
                 self._pending[reader].append((seq, t_seen))
         return out
 
-    def add_frame(self, reader: str, frame: Frame, t: float) -> list[Match | Orphan]:
+    def add_frame(self, reader: str, frame: Any, t: float) -> list[Match | Orphan]:
+        """An item from a source (a reader frame, an image path)."""
         out: list[Match | Orphan] = self.expire(t)
         pending = self._pending[reader]
         if pending:
             seq, _ = pending.popleft()
-            out.append(Match(seq, self._outcome(reader, frame), t))
+            out.append(Match(seq, reader, frame, t))
         else:
             self._early[reader].append((frame, t))
         return out
@@ -91,12 +93,17 @@ class ReadMatcher:
             window = self.window_s[reader]
             while pending and now - pending[0][1] > window:
                 seq, _ = pending.popleft()
-                out.append(Match(seq, ReaderOutcome(reader, timed_out=True), None))
+                out.append(Match(seq, reader, None, None))
             early = self._early[reader]
             while early and now - early[0][1] > self.early_s:
                 frame, t = early.popleft()
                 out.append(Orphan(reader, frame, t))
         return out
+
+    def cancel(self, source: str, seq: int) -> None:
+        """Stop waiting for ``source`` on ``seq`` (its item is delivered another way)."""
+        pending = self._pending[source]
+        self._pending[source] = type(pending)(e for e in pending if e[0] != seq)
 
     def waiting(self, seq: int) -> list[str]:
         """Readers that have not yet answered for ``seq``."""

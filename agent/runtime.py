@@ -10,9 +10,11 @@ Task map (all on one asyncio loop, in one TaskGroup; see docs/code-overview.md):
   inbound        Inbound.run: verdict batches (checked, then stored) and commands
   housekeeping   read-window expiry, missing results, systemd watchdog, stats, outbox fill
   readiness      sd_notify READY / STATUS as the controller link comes and goes
+  images         FolderSource / CaptureSource: X-ray images → Line (vision on)
 
 Threads besides the loop: paho's network thread, the outbox writer and the verdict writer (one
-each, SQLite commits), and pymodbus's none (it is asyncio).
+each, SQLite commits), the vision worker (inference, image files), a capture reader when the image
+source is a camera; pymodbus adds none (it is asyncio).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from agent.mqtt import MessageMeta, MqttLink, TlsSettings
 from agent.outbox import Outbox, OutboxPublisher
 from agent.security import KeyRing, read_secret, resolve_secret
 from agent.verdicts import VerdictStore
+from agent.vision import CaptureSource, FolderSource, ModelError, VisionCheck
 from firmware_bridge.errors import ContractMismatch
 from firmware_bridge.modbus_link import ControllerLink, LinkSettings
 from firmware_bridge.reader_codec import FrameDecoder
@@ -90,11 +93,23 @@ def _security(cfg: Config) -> tuple[KeyRing | None, TlsSettings | None, str | No
     return keyring, tls, password
 
 
+def _vision(cfg: Config) -> VisionCheck | None:
+    if cfg.vision.mode == "off":
+        return None
+    try:
+        return VisionCheck(
+            cfg.vision.model, cfg.vision.thresholds.model_dump(), cfg.vision.keep_dir, cfg.vision.keep_max_mb
+        )
+    except ModelError as exc:
+        raise StartupError(f"vision.model: {exc}") from exc
+
+
 class Agent:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.hash = config_hash(cfg)
         keyring, tls, password = _security(cfg)
+        self.vision = _vision(cfg)
         state = cfg.storage.state_dir
         self.verdicts = VerdictStore(Path(state) / "verdicts.sqlite", cfg.verdicts.default_ttl_s)
         self.outbox = Outbox(
@@ -111,7 +126,18 @@ class Agent:
         )
         self.publisher = OutboxPublisher(self.outbox, self._publish)
         self.mqtt.on_connected = self.publisher.on_connected
-        self.line = Line(cfg, self.link, self.verdicts, self.publisher, self.hash)
+        self.line = Line(cfg, self.link, self.verdicts, self.publisher, self.hash, self.vision)
+        self.image_source: FolderSource | CaptureSource | None = None
+        if self.vision is not None:
+            v = cfg.vision
+            if v.source == "folder":
+                assert v.folder is not None
+                self.image_source = FolderSource(v.folder, v.pattern, v.poll_ms / 1000, self.line.on_image)
+            else:
+                assert v.capture_url is not None
+                capture = CaptureSource(v.capture_url, v.capture_delay_ms / 1000, self.line.on_image)
+                self.line.trigger_hooks.append(capture.on_trigger)
+                self.image_source = capture
         self.alarms = Alarms(cfg.line.site, cfg.line.line, self._alarm_sink)
         self.line.on_alarm = lambda kind, active, detail: self.alarms.condition(kind, active, detail)
         self.line.on_event = self.alarms.event
@@ -142,7 +168,7 @@ class Agent:
             site=self.cfg.line.site, line=self.cfg.line.line, config_hash=self.hash,
             contract=f"{ident.contract_major}.{ident.contract_minor}" if ident else None,
             controller_firmware=".".join(map(str, ident.firmware)) if ident else None,
-            model_version=None, mode=self.line.mode.value,
+            model_version=self.vision.model_version if self.vision else None, mode=self.line.mode.value,
         )
 
     def _status_info(self) -> dict[str, Any]:
@@ -262,6 +288,8 @@ class Agent:
                 tg.create_task(self.outbox.prune_decisions(older_than_s=3600), name="prune")
                 tg.create_task(self._housekeeping(), name="housekeeping")
                 tg.create_task(self._report_readiness(), name="readiness")
+                if self.image_source is not None:
+                    tg.create_task(self.image_source.run(), name="images")
                 # A failing task (a contract mismatch in "controller") cancels this wait and
                 # leaves the TaskGroup as an exception group; a signal ends it with _Stop.
                 await stop.wait()
@@ -274,6 +302,8 @@ class Agent:
             self.outbox.close()
             self.verdicts.close()
             self.link.close()
+            if self.vision is not None:
+                self.vision.close()
 
     async def _report_readiness(self) -> None:
         # Ready as soon as every task runs: an agent whose PLC is off must still be up, reporting

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,10 @@ class RunSpec:
     # "broker-stop", "broker-start", or a callable run(LineRun) in a worker thread
     chaos_steps: list[tuple[float, Any]] = field(default_factory=list)
     push_fraction: float = 1.0  # share of known verdicts pushed ahead; the rest only by look-up
+    images: bool = False  # a scanner writes each parcel's X-ray image; the agent's check is required
+    vision_extra: str = ""  # extra keys for the agent's [vision] table (tests)
+    model: Path | None = None  # the agent's model file (default: the shipped int8 model)
+    image_faults: dict[int, str] = field(default_factory=dict)  # parcel index -> "missing" | "corrupt" | "late"
 
 
 @dataclass
@@ -76,12 +81,13 @@ class Truth:
     lane_reached: int | None = None
     disposition: str | None = None
     after_kill: bool = False  # triggered after the agent was first killed
+    t_image: float | None = None  # when the scanner's image file appeared
 
     @property
     def last_input(self) -> float | None:
         if self.tracked is None:
             return None
-        return max([self.tracked.t_trigger, *self.t_frames])
+        return max([self.tracked.t_trigger, *self.t_frames, *([self.t_image] if self.t_image else [])])
 
     @property
     def decision_ms(self) -> float | None:
@@ -102,7 +108,25 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(s[min(len(s) - 1, int(q * len(s)))], 2)
 
 
-def agent_config(spec: RunSpec, *, controller: str, readers: list[SimReader], mqtt_port: int, state_dir: Path) -> str:
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def agent_config(spec: RunSpec, *, controller: str, readers: list[SimReader], mqtt_port: int, state_dir: Path,
+                 scan_dir: Path | None = None) -> str:
+    vision = ""
+    if spec.images:
+        vision = f"""
+[vision]
+mode = "required"
+model = "{spec.model or MODELS / 'xray_int8.tflite'}"
+source = "folder"
+folder = "{scan_dir}"
+window_ms = 300
+poll_ms = 3
+name_seq_regex = '^seq(?P<seq>\\d+)-'
+keep_dir = "{state_dir / 'flagged'}"
+{spec.vision_extra}
+"""
     reader_blocks = "".join(
         f"""
 [[readers]]
@@ -153,6 +177,7 @@ format = "json"
 
 [health]
 stats_interval_s = 5
+{vision}
 {spec.extra_config}
 """
 
@@ -189,6 +214,10 @@ class LineRun:
         self.metrics: dict[str, Any] = {}
         self.config_path = self.dir / "agent.toml"
         self.agent_log = self.dir / "agent.log"
+        self.scan_dir = self.dir / "xray"
+        self.scan_dir.mkdir()
+        self._render = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xray-render") if spec.images else None
+        self._scans = 0
 
     def _framing(self) -> tuple[bytes, bytes]:
         return (b"\x02", b"\x03") if self.spec.framing == "stx_etx" else (b"", b"\r\n")
@@ -245,7 +274,7 @@ class LineRun:
         cycle = asyncio.create_task(run_cycle(self.model), name="plc-cycle")
         self.config_path.write_text(
             agent_config(self.spec, controller=controller_toml, readers=self.readers,
-                         mqtt_port=self.broker.port, state_dir=self.dir / "state")
+                         mqtt_port=self.broker.port, state_dir=self.dir / "state", scan_dir=self.scan_dir)
         )
         known = {p.waybill: p.verdict for p in self.plan.parcels if p.waybill and p.verdict != "none"}
         self.central = Central(
@@ -272,6 +301,8 @@ class LineRun:
             return self._compute()
         finally:
             cycle.cancel()
+            if self._render is not None:
+                self._render.shutdown(wait=False, cancel_futures=True)
             await self.stop_agent()
             if self.central:
                 self.central.stop()
@@ -343,6 +374,11 @@ class LineRun:
         noise = self.spec.reader_noise.get(p.index)
         for reader, decode_ms in zip(self.readers, p.decode_ms, strict=True):
             loop.call_later(decode_ms / 1000, self._send_frame, truth, reader, noise)
+        fault = self.spec.image_faults.get(p.index)
+        if self._render is not None and fault != "missing":
+            image = self._render.submit(_scan_png, p.index + 1_000_000_000, p.item or "clean")
+            delay = p.scan_ms / 1000 if fault != "late" else self.model.decision_delay_s() + 0.1
+            loop.call_later(delay, self._export_image, truth, image)
         loop.call_later(self.model.decision_delay_s(), self.model.decision_point, tracked.seq)
         loop.call_later(self.model.exit_delay_s(), self._exit, truth, done)
 
@@ -357,6 +393,24 @@ class LineRun:
         else:
             codes = list(p.codes)
         truth.t_frames.append(reader.send(codes))
+
+    def _export_image(self, truth: Truth, image: Future[bytes]) -> None:
+        """The scanner writes the parcel's image: under a temporary name, then renamed into place."""
+        if not image.done():  # rendering fell behind: write as soon as it is ready
+            loop = asyncio.get_running_loop()
+            image.add_done_callback(lambda f: loop.call_soon_threadsafe(self._export_image, truth, f))
+            return
+        self._scans += 1
+        assert truth.tracked is not None
+        # the controller hands the scanner each parcel's trigger sequence; it names the file by it
+        final = self.scan_dir / f"seq{truth.tracked.seq:05d}-{self._scans:08d}.png"
+        tmp = self.scan_dir / f".scan{self._scans:08d}.tmp"
+        data = image.result()
+        if self.spec.image_faults.get(truth.planned.index) == "corrupt":
+            data = data[: len(data) // 3]  # a truncated export
+        tmp.write_bytes(data)
+        os.rename(tmp, final)
+        truth.t_image = time.monotonic()
 
     def _exit(self, truth: Truth, done: asyncio.Future[None]) -> None:
         assert truth.tracked is not None
@@ -435,6 +489,20 @@ class LineRun:
             "records_published": sum(1 for s in seqs if s in records),
             "expected_release": sum(t.planned.expected_lane == "release" for t in truths),
         }
+        if self.spec.images:
+            hidden = [t for t in truths if t.planned.hidden_item]
+            m["hidden_items"] = len(hidden)
+            m["hidden_items_caught"] = sum(t.reached == "inspection" for t in hidden)
+            m["hidden_items_released"] = sum(t.reached == "release" for t in hidden)
+            clean_release = [t for t in truths if t.planned.expected_lane == "release" and not t.planned.item]
+            m["image_false_alarms"] = sum(
+                1 for t in clean_release if t.tracked and "image_flagged" in
+                (records.get(t.tracked.seq, {}).get("decision") or {}).get("reasons", [])
+            )
+            m["image_missing_or_failed"] = sum(
+                1 for t in truths if t.tracked and (records.get(t.tracked.seq, {}).get("image") or {}).get("status")
+                in ("missing", "failed")
+            )
         if self.spec.chaos_steps:
             unique = m["records_published"]
             m["records_unique"] = unique
@@ -457,6 +525,16 @@ class LineRun:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _scan_png(seed: int, label: str) -> bytes:
+    import cv2
+
+    from hw_sim.xray import render
+
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(render(seed, label), cv2.COLOR_RGB2BGR))
+    assert ok
+    return buf.tobytes()
 
 
 def _rng(index: int) -> random.Random:

@@ -31,6 +31,7 @@ class Mix:
     multi: float = 0.01
     bad_check: float = 0.01
     reader_misread: float = 0.002  # reader garbles a good label (check digit catches it)
+    hidden_item: float = 0.0  # share of all parcels: "release" verdict, good label, prohibited item inside
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,13 @@ class PlannedParcel:
     waybill: str | None  # the code central knows it by (first printed code)
     reader_misread: bool
     decode_ms: tuple[float, ...]  # per reader
+    item: str | None = None  # a prohibited item inside (battery, blade, firearm, liquid)
+    scan_ms: float = 100.0  # X-ray image export delay after the trigger
+
+    @property
+    def hidden_item(self) -> bool:
+        """Central said release, the label is good, but the image shows a prohibited item."""
+        return self.item is not None and self.label == "ok" and self.verdict == "release"
 
     @property
     def expected_lane(self) -> str:
@@ -87,6 +95,12 @@ def make_plan(
     verdicts = _exact(
         n, rng, [("inspect", mix.inspect), ("hold", mix.hold), ("none", mix.no_verdict)], "release"
     )
+    # hidden items: exactly round(n * share) of the parcels that would otherwise be released
+    releasable = [i for i in range(n) if labels[i] == "ok" and verdicts[i] == "release"]
+    # (a separate generator, so that plans without images stay exactly as they were)
+    img_rng = random.Random(seed + 99_991)
+    hidden = set(img_rng.sample(releasable, min(len(releasable), round(n * mix.hidden_item))))
+    targets = ("battery", "blade", "firearm", "liquid")
     mean_pitch = speed_mps / rate
     parcels = []
     t = 1.0
@@ -110,8 +124,10 @@ def make_plan(
                 codes=codes,
                 verdict=verdicts[i],
                 waybill=codes[0],
-                reader_misread=label == "ok" and rng.random() < mix.reader_misread,
+                reader_misread=label == "ok" and rng.random() < mix.reader_misread and i not in hidden,
                 decode_ms=decode,
+                item=targets[i % 4] if i in hidden else None,
+                scan_ms=img_rng.uniform(60.0, 140.0),
             )
         )
         # next leading edge: this parcel's length plus a gap of at least min_gap_m, with the
