@@ -109,7 +109,7 @@ def export(tf, model, representative: np.ndarray, work: Path) -> tuple[bytes, by
     Keras 3 models go through a SavedModel: TFLiteConverter.from_keras_model fails on them.
     """
     saved = work / "saved_model"
-    model.export(str(saved))
+    model.export(str(saved))  # an inference-only model (loaded with compile=False): no optimizer state
     f32 = tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
     conv = tf.lite.TFLiteConverter.from_saved_model(str(saved))
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -129,12 +129,19 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "models")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--work", type=Path, default=Path("/tmp/sortgate-train"), help="scratch folder")
+    ap.add_argument("--export-only", action="store_true", help="export the model last trained into --work")
     args = ap.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
     tf.keras.utils.set_random_seed(7)
+    if args.export_only:  # redo the export from the last trained model in --work
+        rep, _ = generate(400, 0, args.workers)
+        inference = tf.keras.models.load_model(args.work / "xray.keras", compile=False)
+        f32, int8 = export(tf, inference, rep.astype(np.float32), args.work)
+        write_models(tf, args, f32, int8)
+        return 0
     print("[1/4] data")
     x_train, y_train = generate(args.train, 0, args.workers)
     x_val, y_val = generate(args.val, 5_000_000, args.workers)
@@ -163,7 +170,14 @@ def main() -> int:
     model.save(args.work / "xray.keras")  # so that an export can be redone without retraining
     print("[3/4] export")
     rep = x_train[np.random.default_rng(1).choice(len(x_train), 400, replace=False)].astype(np.float32)
-    f32, int8 = export(tf, model, rep, args.work)
+    inference = tf.keras.models.load_model(args.work / "xray.keras", compile=False)
+    f32, int8 = export(tf, inference, rep, args.work)
+    write_models(tf, args, f32, int8)
+    return 0
+
+
+def write_models(tf, args: argparse.Namespace, f32: bytes, int8: bytes) -> None:  # type: ignore[no-untyped-def]
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "xray_int8.tflite").write_bytes(int8)
     (args.out / "xray_f32.tflite").write_bytes(f32)
     version = "xray-cnn-" + hashlib.sha256(int8).hexdigest()[:10]
@@ -181,7 +195,6 @@ def main() -> int:
     (args.out / "xray.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"[4/4] wrote {args.out}/xray_int8.tflite ({len(int8)} bytes), xray_f32.tflite ({len(f32)} bytes), "
           f"version {version}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ def test_in_order_matching() -> None:
     assert rm.add_trigger(2, 0.1) == []
     (a,) = rm.add_frame("a", F1, 0.12)
     (b,) = rm.add_frame("a", NR, 0.15)
-    assert isinstance(a, Match) and a.seq == 1 and a.outcome.codes == F1.codes
-    assert isinstance(b, Match) and b.seq == 2 and b.outcome.no_read
+    assert isinstance(a, Match) and a.seq == 1 and a.payload == F1
+    assert isinstance(b, Match) and b.seq == 2 and b.payload.no_read
 
 
 def test_trigger_without_frame_times_out_and_next_frame_goes_to_next_trigger() -> None:
@@ -27,9 +27,9 @@ def test_trigger_without_frame_times_out_and_next_frame_goes_to_next_trigger() -
     rm.add_trigger(1, 0.0)
     # when trigger 2 is seen at 0.3 s, trigger 1 has waited longer than the window
     (timeout,) = rm.add_trigger(2, 0.3)
-    assert isinstance(timeout, Match) and timeout.seq == 1 and timeout.outcome.timed_out
+    assert isinstance(timeout, Match) and timeout.seq == 1 and timeout.timed_out
     (match,) = rm.add_frame("a", F1, 0.35)
-    assert isinstance(match, Match) and match.seq == 2 and match.outcome.codes == F1.codes
+    assert isinstance(match, Match) and match.seq == 2 and match.payload == F1
 
 
 def test_frame_before_trigger_is_held_then_matched() -> None:
@@ -43,7 +43,7 @@ def test_orphan_frame_is_reported_not_matched() -> None:
     rm = m()
     rm.add_frame("a", F1, 1.0)
     (e,) = rm.expire(1.2)
-    assert isinstance(e, Orphan) and e.frame == F1
+    assert isinstance(e, Orphan) and e.payload == F1
     assert rm.add_trigger(8, 1.3) == []  # the orphan did not stick to a later trigger
 
 
@@ -68,4 +68,4 @@ def test_frame_older_than_the_trigger_is_not_its_frame() -> None:
     assert [type(e) for e in events] == [Orphan]
     assert rm.waiting(2) == ["a"]
     (match,) = rm.add_frame("a", F2, 0.140)
-    assert isinstance(match, Match) and match.seq == 2 and match.outcome.codes == F2.codes
+    assert isinstance(match, Match) and match.seq == 2 and match.payload == F2
