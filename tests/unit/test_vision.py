@@ -106,3 +106,36 @@ def test_render_is_deterministic_and_realistic_in_shape() -> None:
     assert a.dtype == np.uint8 and a.shape == (128, 128, 3) and np.array_equal(a, b)
     assert not np.array_equal(render(5, "clean"), render(6, "clean"))
     assert asyncio.iscoroutinefunction(VisionCheck.check)
+
+
+async def test_capture_source_hands_over_a_frame_after_each_trigger(tmp_path: Path) -> None:
+    """A camera or stream, here a video file OpenCV writes itself, through VideoCapture."""
+    import cv2
+
+    from agent.vision import CaptureSource
+
+    video = tmp_path / "belt.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25, (128, 128))
+    assert writer.isOpened()
+    for i in range(50):
+        writer.write(cv2.cvtColor(render(30_000_000 + i, "blade"), cv2.COLOR_RGB2BGR))
+    writer.release()
+    frames: list[np.ndarray] = []
+    source = CaptureSource(str(video), delay_s=0.05, on_image=lambda frame, t: frames.append(frame))
+    task = asyncio.create_task(source.run())
+    try:
+        for _ in range(100):  # wait until the reader thread has a frame
+            if source._latest is not None:
+                break
+            await asyncio.sleep(0.02)
+        for _ in range(3):
+            source.on_trigger()
+            await asyncio.sleep(0.1)
+        assert len(frames) == 3 and frames[0].shape == (128, 128, 3)
+        check = VisionCheck(INT8, THRESHOLDS, tmp_path / "kept", keep_max_mb=1)
+        try:
+            assert (await check.check(frames[0], 2.0)).status == "flagged"  # MJPEG-compressed, still a blade
+        finally:
+            check.close()
+    finally:
+        task.cancel()
