@@ -222,6 +222,7 @@ class Line:
         if p.decision is not None or p.image_done:
             self.counters["image_late"] += 1
             log.warning("image arrived after the parcel was decided; not used", seq=p.seq, image=str(image))
+            self._discard(image)
             return
         p.image_path, p.image_done = image, True
         p.last_input_at = max(p.last_input_at, t)
@@ -236,6 +237,11 @@ class Line:
                 del self._early_images[seq]
                 self.counters["image_orphans"] += 1
                 log.warning("image matched no parcel", seq=seq, image=str(image))
+                self._discard(image)
+
+    def _discard(self, image: Any) -> None:
+        if self.vision is not None and self.cfg.vision.consume:
+            self.vision.discard(image)
 
     def _apply(self, events: list[Match | Orphan]) -> None:
         for ev in events:

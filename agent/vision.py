@@ -238,6 +238,11 @@ class VisionCheck:
             await loop.run_in_executor(self._pool, _unlink, image)
         return kept
 
+    def discard(self, image: Any) -> None:
+        """Delete an image file that will not be used (late, or no parcel), off the loop thread."""
+        if isinstance(image, str):
+            self._pool.submit(_unlink, image)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 

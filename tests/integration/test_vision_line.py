@@ -55,6 +55,7 @@ async def test_missing_late_and_corrupt_images_never_release(broker: Mosquitto, 
         others = [t for t in run.truth if t.planned.expected_lane == "release" and t.planned.index not in faults]
         assert others and all(t.reached == "release" for t in others)
         assert '"image arrived after the parcel was decided; not used"' in run.agent_log.read_text()
+        assert not list(run.scan_dir.glob("*.png"))  # late images are discarded too, not left behind
     finally:
         run.cleanup()
 
