@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -46,11 +46,13 @@ from agent.decision import (
 from agent.matching import Match, Orphan, ReadMatcher
 from agent.outbox import OutboxPublisher
 from agent.verdicts import VerdictStore
-from agent.vision import ImageResult, VisionCheck
 from firmware_bridge import contract as c
 from firmware_bridge.errors import LinkError
 from firmware_bridge.modbus_link import ControllerLink
 from firmware_bridge.reader_codec import Event, FramingError
+
+if TYPE_CHECKING:  # OpenCV and LiteRT load only on lines that run the image check
+    from agent.vision import ImageResult, VisionCheck
 
 log = structlog.get_logger("sortgate.line")
 

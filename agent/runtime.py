@@ -24,7 +24,7 @@ import hashlib
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -40,11 +40,13 @@ from agent.mqtt import MessageMeta, MqttLink, TlsSettings
 from agent.outbox import Outbox, OutboxPublisher
 from agent.security import KeyRing, read_secret, resolve_secret
 from agent.verdicts import VerdictStore
-from agent.vision import CaptureSource, FolderSource, ModelError, VisionCheck
 from firmware_bridge.errors import ContractMismatch
 from firmware_bridge.modbus_link import ControllerLink, LinkSettings
 from firmware_bridge.reader_codec import FrameDecoder
 from firmware_bridge.serial_port import ReaderPort
+
+if TYPE_CHECKING:
+    from agent.vision import CaptureSource, FolderSource, VisionCheck
 
 log = structlog.get_logger("sortgate.agent")
 
@@ -95,7 +97,9 @@ def _security(cfg: Config) -> tuple[KeyRing | None, TlsSettings | None, str | No
 
 def _vision(cfg: Config) -> VisionCheck | None:
     if cfg.vision.mode == "off":
-        return None
+        return None  # and OpenCV and LiteRT are never imported
+    from agent.vision import ModelError, VisionCheck
+
     try:
         return VisionCheck(
             cfg.vision.model, cfg.vision.thresholds.model_dump(), cfg.vision.keep_dir, cfg.vision.keep_max_mb
@@ -129,6 +133,8 @@ class Agent:
         self.line = Line(cfg, self.link, self.verdicts, self.publisher, self.hash, self.vision)
         self.image_source: FolderSource | CaptureSource | None = None
         if self.vision is not None:
+            from agent.vision import CaptureSource, FolderSource
+
             v = cfg.vision
             if v.source == "folder":
                 assert v.folder is not None

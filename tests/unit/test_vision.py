@@ -139,3 +139,14 @@ async def test_capture_source_hands_over_a_frame_after_each_trigger(tmp_path: Pa
             check.close()
     finally:
         task.cancel()
+
+
+def test_lines_without_image_checks_never_load_opencv_or_litert() -> None:
+    """Footprint: an agent with [vision] mode = "off" must not pay for OpenCV and LiteRT."""
+    import subprocess
+    import sys
+
+    code = "import sys, agent.runtime, agent.cli; print(sorted(m for m in ('cv2', 'ai_edge_litert', 'tflite_runtime') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
