@@ -43,10 +43,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_sim(args: argparse.Namespace) -> int:
     from hw_sim.harness import RunSpec, run_line
+    from hw_sim.plan import Mix, make_plan
     from hw_sim.view import LiveView
 
+    mix = Mix(hidden_item=0.06) if args.images else Mix()
+    plan = make_plan(args.parcels, args.rate, args.seed, args.speed, args.readers, mix=mix)
     spec = RunSpec(parcels=args.parcels, rate=args.rate, seed=args.seed, speed_mps=args.speed,
-                   readers=args.readers, transport=args.transport)
+                   readers=args.readers, transport=args.transport, plan=plan, images=args.images)
     view = LiveView(sys.stdout, plain=args.plain)
     run, metrics = asyncio.run(run_line(spec, on_progress=view.update))
     view.summary(run, metrics)
@@ -163,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sim", help="run a simulated line (simulator, broker, agent) with a live view")
     _line_args(p, parcels=300, rate=5.0)
     p.add_argument("--plain", action="store_true", help="print lines instead of redrawing the screen")
+    p.add_argument("--images", action="store_true", help="X-ray images and the image check; 6%% hide an item")
     p.set_defaults(func=_cmd_sim)
 
     p = sub.add_parser("bench", help="benchmarks that print figures")

@@ -128,6 +128,18 @@ class ControllerSupervisor:
         poll_s = cc.poll_interval_ms / 1000
         hb_s = cc.heartbeat_interval_ms / 1000
         status = await self.link.poll()
+        # Know the belt's speed before deciding anything: deadlines and the time a trigger was
+        # captured both come from it.
+        self.speed = SpeedEstimator()
+        self.speed.update(time.monotonic(), status.encoder)
+        for _ in range(40):  # ~1 s at most; an encoder that never moves must not hang the session
+            if self.speed.cps > 0.0:
+                break
+            await asyncio.sleep(self.speed.min_span_s / 2)
+            status = await self.link.poll()
+            if not status.bits & c.StatusBit.BELT_RUNNING:
+                break  # a stopped belt: no parcel moves, and none can be released (belt_stopped)
+            self.speed.update(time.monotonic(), status.encoder)
         trigger_head = status.trigger_head
         # Results: continue from the last one recorded durably (results of parcels that left the
         # belt while the agent was down are still in the ring); on a first start, from now.
@@ -135,6 +147,7 @@ class ControllerSupervisor:
         result_head = status.result_head if cursor is None else cursor
         hb = status.agent_heartbeat  # continue from the register: the first write is a change
         next_hb = 0.0
+        prev_sent = time.monotonic()
         self.connected.set()
         while True:
             now = time.monotonic()
@@ -142,6 +155,7 @@ class ControllerSupervisor:
                 hb = c.next_seq(hb)
                 await self.link.heartbeat(hb)
                 next_hb = now + hb_s
+            sent = time.monotonic()
             status = await self.link.poll()
             now = time.monotonic()
             self.status = status
@@ -156,9 +170,10 @@ class ControllerSupervisor:
                 entries = await self.link.read_triggers(seqs)
                 for seq in seqs:
                     if seq in entries:
-                        self.line.on_trigger(entries[seq], status.encoder, cps, now)
+                        self.line.on_trigger(entries[seq], status.encoder, cps, now, prev_sent)
                 trigger_head = status.trigger_head
             if status.result_head != result_head:
                 result_head = await self._read_results(result_head, status.result_head)
+            prev_sent = sent
             self.line.tick(now)
             await asyncio.sleep(poll_s)

@@ -168,7 +168,11 @@ class Line:
             self.problems = problems
 
     # --- inputs -------------------------------------------------------------------------
-    def on_trigger(self, entry: c.TriggerEntry, encoder_now: int, speed_cps: float, now: float) -> None:
+    def on_trigger(
+        self, entry: c.TriggerEntry, encoder_now: int, speed_cps: float, now: float, captured_after: float
+    ) -> None:
+        """A new trigger, seen at ``now``; it was captured after ``captured_after`` (the moment the
+        previous status poll was sent, which did not show it yet)."""
         assert self.identity is not None
         travelled = c.encoder_delta(entry.encoder, encoder_now)
         remaining = self.identity.decision_distance_counts - travelled
@@ -178,7 +182,9 @@ class Line:
         self.counters["triggers"] += 1
         for hook in self.trigger_hooks:
             hook()
-        t_actual = now - max(travelled, 0) / max(speed_cps, 1.0)
+        # When the photo-eye fired: from the encoder, and never before the previous poll (a slow or
+        # unknown belt speed must not push it into the past and let older frames match).
+        t_actual = max(now - max(travelled, 0) / max(speed_cps, 1.0), captured_after)
         self._apply(self.matcher.add_trigger(entry.seq, now, t_actual))
         if self.image_seq is not None:
             self.matcher.cancel(IMAGE_SOURCE, entry.seq)  # images come by sequence, not by order

@@ -477,9 +477,14 @@ class LineRun:
             "released": sum(t.reached == "release" for t in truths),
             "inspected": sum(t.reached == "inspection" for t in truths),
             "lost": sum(t.reached == "lost" for t in truths),
-            "missorted": sum(
+            # physically in another lane than the controller steered it to (a gate or lane fault)
+            "missorted": sum(t.disposition == "missorted" for t in truths),
+            # an accepted command the controller did not obey, for safety: the agent's watchdog
+            # tripped (or a fault) before the parcel reached the gates; it went to inspection
+            "overridden_by_controller": sum(
                 1 for t in truths
                 if t.tracked and t.tracked.cmd_lane and t.lane_reached != t.tracked.cmd_lane
+                and t.disposition in ("defaulted_watchdog", "defaulted_fault")
             ),
             "wrongly_released": sum(
                 t.reached == "release" and t.planned.expected_lane == "inspection" for t in truths

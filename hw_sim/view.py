@@ -17,7 +17,7 @@ class LiveView:
         self._printed = 0
 
     HEADER = (
-        f"{'seq':>5}  {'waybill':<22} {'label':<9} {'verdict':<8} {'lane':<10} "
+        f"{'seq':>5}  {'waybill':<22} {'label':<12} {'verdict':<8} {'lane':<10} "
         f"{'disposition':<21} {'ms':>5}  agent's reasons"
     )
 
@@ -57,8 +57,9 @@ class LiveView:
         seq = t.tracked.seq if t.tracked else 0
         rec = records.get(seq)
         reasons = ",".join(rec["decision"]["reasons"]) if rec and rec.get("decision") else "…"
+        label = p.label if not p.item else f"{p.label}+{p.item}"
         return (
-            f"{seq:>5}  {p.codes[0]:<22} {p.label:<9} {p.verdict:<8} {t.reached:<10} "
+            f"{seq:>5}  {p.codes[0]:<22} {label:<12} {p.verdict:<8} {t.reached:<10} "
             f"{t.disposition or '-':<21} {ms}  {reasons}"
         )
 
@@ -77,7 +78,9 @@ class LiveView:
             f"  missorted          {m['missorted']}\n"
             f"  late (defaulted)   {m['late']}\n"
             f"  records published  {m['records_published']}\n"
-            f"  decision ms        p50 {m['decision_ms']['p50']}  p99 {m['decision_ms']['p99']}  max {m['decision_ms']['max']}\n"
+            + (f"  hidden items       {m['hidden_items']}   caught {m['hidden_items_caught']}   "
+               f"released {m['hidden_items_released']}\n" if "hidden_items" in m else "")
+            + f"  decision ms        p50 {m['decision_ms']['p50']}  p99 {m['decision_ms']['p99']}  max {m['decision_ms']['max']}\n"
             f"  agent              rss {m.get('rss_mb')} MB, cpu {m.get('cpu_ms_per_parcel')} ms/parcel\n"
         )
         self.out.flush()

@@ -29,6 +29,21 @@ EXPECTED_REASON = {
 VERDICT_REASON = {"inspect": "verdict_inspect", "hold": "verdict_hold", "none": "unknown_waybill"}
 
 
+def assert_no_parcel_got_another_parcels_code(run: LineRun) -> None:
+    """The codes in a parcel's record are the codes printed on that parcel, never a neighbour's."""
+    assert run.central is not None
+    records = run.central.records_by_seq()
+    checked = 0
+    for t in run.truth:
+        rec = records.get(t.tracked.seq) if t.tracked else None
+        if not rec or rec.get("decision") is None or t.planned.reader_misread:
+            continue
+        read = {code for r in rec["reads"] for code in r["codes"]}
+        assert read <= set(t.planned.codes), (t.tracked.seq, read, t.planned.codes)  # type: ignore[union-attr]
+        checked += 1
+    assert checked > 0
+
+
 def assert_never_released_without_command(run: LineRun) -> None:
     for t in run.truth:
         if t.reached == "release":
@@ -65,6 +80,7 @@ async def test_every_inspect_case_lands_in_inspection_with_its_reason(broker: Mo
                 assert rec["verdict"]["verdict"] == "release"
         assert seen_cases == {"noread", "multi", "bad_check", "inspect", "hold", "none"}
         assert_never_released_without_command(run)
+        assert_no_parcel_got_another_parcels_code(run)
     finally:
         run.cleanup()
 

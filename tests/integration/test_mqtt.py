@@ -24,6 +24,7 @@ from hw_sim.broker import Mosquitto
 from hw_sim.harness import LineRun, RunSpec, run_line
 from hw_sim.plan import Mix, make_plan
 from tests.integration.certs import make_pki
+from tests.integration.test_line import assert_no_parcel_got_another_parcels_code
 
 pytestmark = pytest.mark.integration
 SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "schemas"
@@ -146,6 +147,8 @@ async def test_records_of_an_agent_killed_while_the_broker_was_down_arrive_after
             assert by_seq[t.tracked.seq]["decision"] is not None  # type: ignore[union-attr]
         assert any(r.get("note") for r in records)  # parcels that passed while no agent ran
         assert m["wrongly_released"] == 0
+        # frames of parcels triggered before the restart never go to parcels after it
+        assert_no_parcel_got_another_parcels_code(run)
     finally:
         run.cleanup()
 
@@ -312,3 +315,25 @@ async def test_two_lines_share_a_broker_and_consumers_share_the_load(broker: Mos
         for cl in clients:
             cl.disconnect()
             cl.loop_stop()
+
+
+async def test_a_full_outbox_stops_releases_until_records_can_be_stored(own_broker: Mosquitto, line_name: str) -> None:
+    """No release without a record: while the outbox is at its budget, everything is inspected."""
+    plan = make_plan(170, rate=10, seed=26, mix=CLEAN)
+    spec = RunSpec(
+        plan=plan, line=line_name, rate=10, extra_config="[outbox]\nmax_records = 100\n",
+        chaos_steps=[(0.5, "broker-stop"), (plan.duration_s - 1.0, "broker-start")],
+    )
+    run, m = await run_line(spec, broker=own_broker, keep=True)
+    try:
+        assert run.central is not None
+        records = list(run.central.records.values())
+        full = [r for r in records if "outbox_unavailable" in r["line_problems"]]
+        assert len(full) >= 20  # parcels decided while the outbox was full
+        assert all(r["decision"]["lane_class"] == "inspection" for r in full)
+        assert all("line_unhealthy" in r["decision"]["reasons"] for r in full)
+        assert any(r["decision"]["lane_class"] == "release" for r in records if r not in full)
+        assert m["records_lost"] == 0 and m["wrongly_released"] == 0  # every record still arrived
+        assert "cannot store parcel record; releasing stops" in run.agent_log.read_text()
+    finally:
+        run.cleanup()
