@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 CONTRACT_MAJOR = 1
 CONTRACT_MINOR = 0
@@ -290,8 +291,21 @@ class Status:
         return tuple(out)
 
 
+class _RingEntry:
+    """Where entry ``n`` of a ring lives: RING_BASE + (n mod RING_LEN) * ENTRY_LEN."""
+
+    __slots__ = ()
+    RING_BASE: ClassVar[int]
+    ENTRY_LEN: ClassVar[int]
+    RING_LEN: ClassVar[int]
+
+    @classmethod
+    def slot(cls, n: int) -> int:
+        return cls.RING_BASE + (n % cls.RING_LEN) * cls.ENTRY_LEN
+
+
 @dataclass(frozen=True, slots=True)
-class TriggerEntry:
+class TriggerEntry(_RingEntry):
     seq: int
     encoder: int
     length_mm: int
@@ -299,10 +313,6 @@ class TriggerEntry:
     RING_BASE = TRIGGER_RING_BASE
     ENTRY_LEN = TRIGGER_ENTRY_LEN
     RING_LEN = TRIGGER_RING_LEN
-
-    @staticmethod
-    def slot(seq: int) -> int:
-        return TRIGGER_RING_BASE + (seq % TRIGGER_RING_LEN) * TRIGGER_ENTRY_LEN
 
     @classmethod
     def decode(cls, regs: Sequence[int], offset: int = 0) -> TriggerEntry:
@@ -313,7 +323,7 @@ class TriggerEntry:
 
 
 @dataclass(frozen=True, slots=True)
-class ResultEntry:
+class ResultEntry(_RingEntry):
     rseq: int
     seq: int
     encoder: int  # the trigger's captured encoder count: with seq, the parcel's identity
@@ -325,10 +335,6 @@ class ResultEntry:
     RING_BASE = RESULT_RING_BASE
     ENTRY_LEN = RESULT_ENTRY_LEN
     RING_LEN = RESULT_RING_LEN
-
-    @staticmethod
-    def slot(rseq: int) -> int:
-        return RESULT_RING_BASE + (rseq % RESULT_RING_LEN) * RESULT_ENTRY_LEN
 
     @classmethod
     def decode(cls, regs: Sequence[int], offset: int = 0) -> ResultEntry:
