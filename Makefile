@@ -8,6 +8,7 @@ sim: setup
 	.venv/bin/sortgate sim
 
 test: setup
+	.venv/bin/ruff check .
 	.venv/bin/pytest -q
 
 bench: setup

@@ -58,9 +58,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
 def _cmd_bench_line(args: argparse.Namespace) -> int:
     from hw_sim.harness import RunSpec, chaos_steps, run_line
-    from hw_sim.plan import make_plan
-
-    from hw_sim.plan import Mix
+    from hw_sim.plan import Mix, make_plan
 
     mix = Mix(hidden_item=0.06) if args.images else Mix()
     plan = make_plan(args.parcels, args.rate, args.seed, args.speed, args.readers, mix=mix)

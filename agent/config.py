@@ -143,7 +143,9 @@ class VerdictConfig(_Strict):
     )
     max_clock_skew_s: int = Field(120, ge=0, le=3600)
     lookup: bool = Field(True, description="Ask central over MQTT for a waybill not in the store")
-    lookup_timeout_ms: int = Field(300, ge=10, le=5000, description="Upper bound; the parcel's deadline may cut it shorter")
+    lookup_timeout_ms: int = Field(
+        300, ge=10, le=5000, description="Upper bound; the parcel's deadline may cut it shorter"
+    )
 
     @model_validator(mode="after")
     def _keys(self) -> VerdictConfig:

@@ -95,7 +95,8 @@ class Inbound:
             return
         if not self.bucket.take() or self.queue.full():
             self.counters["inbound_dropped"] += 1
-            self.alarms.event("inbound_flood", f"inbound messages over {self.cfg.mqtt.max_inbound_per_s}/s dropped", topic=topic)
+            limit = self.cfg.mqtt.max_inbound_per_s
+            self.alarms.event("inbound_flood", f"inbound messages over {limit}/s dropped", topic=topic)
             return
         self.queue.put_nowait((topic, payload, meta))
 

@@ -27,7 +27,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-
 #: clock and encoder rounding slack when comparing a frame's arrival with a trigger's capture
 TOLERANCE_S = 0.002
 

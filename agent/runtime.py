@@ -319,7 +319,7 @@ class Agent:
         while True:
             await self.supervisor.connected.wait()
             self.notifier.status(f"controller {link} connected")
-            while self.supervisor.connected.is_set():
+            while self.supervisor.connected.is_set():  # noqa: ASYNC110 - a status line, twice a second is plenty
                 await asyncio.sleep(0.5)
             self.notifier.status(f"controller {link} offline; reconnecting")
 

@@ -79,7 +79,8 @@ class Classifier:
         inp = self._interp.get_input_details()
         out = self._interp.get_output_details()
         if len(inp) != 1 or tuple(inp[0]["shape"]) != (1, INPUT_SIZE, INPUT_SIZE, 3):
-            raise ModelError(f"model {path}: input must be 1x{INPUT_SIZE}x{INPUT_SIZE}x3, got {[tuple(i['shape']) for i in inp]}")
+            shapes = [tuple(i["shape"]) for i in inp]
+            raise ModelError(f"model {path}: input must be 1x{INPUT_SIZE}x{INPUT_SIZE}x3, got {shapes}")
         if len(out) != 1 or tuple(out[0]["shape"]) != (1, len(CLASSES)):
             raise ModelError(f"model {path}: output must be 1x{len(CLASSES)}, got {[tuple(o['shape']) for o in out]}")
         self._in, self._out = inp[0], out[0]
@@ -173,21 +174,19 @@ class VisionCheck:
 
     def _run(self, image: str | np.ndarray) -> ImageResult:
         t0 = time.perf_counter()
+        path = str(image) if isinstance(image, str) else None
         try:
             rgb = read_image(image) if isinstance(image, str | Path) else image
             scores = self.classifier.scores(preprocess(rgb))
         except (ValueError, OSError, cv2.error) as exc:
-            return ImageResult("failed", detail=f"unreadable: {exc}", path=str(image) if isinstance(image, str) else None)
+            return ImageResult("failed", detail=f"unreadable: {exc}", path=path)
         except Exception as exc:  # noqa: BLE001 - any inference failure means no release
-            return ImageResult("failed", detail=f"inference failed: {exc!r}", path=str(image) if isinstance(image, str) else None)
+            return ImageResult("failed", detail=f"inference failed: {exc!r}", path=path)
         ms = (time.perf_counter() - t0) * 1000
         by_class = {c: round(float(v), 4) for c, v in zip(CLASSES, scores, strict=True)}
         hits = [c for c in TARGETS if by_class[c] >= self.thresholds[c]]
         top = max(hits, key=lambda c: by_class[c]) if hits else max(by_class, key=lambda c: by_class[c])
-        return ImageResult(
-            "flagged" if hits else "pass", top, by_class[top], by_class, round(ms, 2),
-            path=str(image) if isinstance(image, str) else None,
-        )
+        return ImageResult("flagged" if hits else "pass", top, by_class[top], by_class, round(ms, 2), path=path)
 
     async def check(self, image: str | np.ndarray | None, timeout_s: float) -> ImageResult:
         if image is None:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
@@ -137,7 +137,7 @@ class ControllerLink:
             client = self._require()
             try:
                 rr = await request(client)
-            except (ModbusException, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, ModbusException, OSError) as exc:
                 raise LinkError(f"{what}: {exc}") from exc
             finally:
                 await self._gap()

@@ -108,7 +108,9 @@ class Central:
         props_in = msg.properties
         waybill = request.get("waybill", "")
         verdict = self.known.get(waybill)
-        answer: dict[str, Any] = {"schema": "sortgate.verdict_answer/1", "waybill": waybill, "found": verdict is not None}
+        answer: dict[str, Any] = {
+            "schema": "sortgate.verdict_answer/1", "waybill": waybill, "found": verdict is not None
+        }
         if verdict is not None:
             answer["verdict"] = self.item(waybill, verdict)
         props = Properties(PacketTypes.PUBLISH)

@@ -281,7 +281,9 @@ class ControllerModel:
         )
 
 
-async def serve_tcp(model: ControllerModel, host: str = "127.0.0.1", port: int = 0, unit_id: int = 1) -> tuple[ModbusTcpServer, int]:
+async def serve_tcp(
+    model: ControllerModel, host: str = "127.0.0.1", port: int = 0, unit_id: int = 1
+) -> tuple[ModbusTcpServer, int]:
     """Start a Modbus TCP server for ``model``; returns (server, bound port)."""
     server = ModbusTcpServer(model.sim_device(unit_id), address=(host, port))
     await server.listen()
@@ -289,7 +291,9 @@ async def serve_tcp(model: ControllerModel, host: str = "127.0.0.1", port: int =
     return server, bound
 
 
-async def serve_rtu(model: ControllerModel, device: str, baudrate: int = 19200, parity: str = "E", unit_id: int = 1) -> ModbusSerialServer:
+async def serve_rtu(
+    model: ControllerModel, device: str, baudrate: int = 19200, parity: str = "E", unit_id: int = 1
+) -> ModbusSerialServer:
     server = ModbusSerialServer(
         model.sim_device(unit_id), framer=FramerType.RTU, port=device, baudrate=baudrate,
         parity=parity, bytesize=8, stopbits=1,

@@ -426,8 +426,8 @@ class LineRun:
         if self.agent is None or self.agent.poll() is not None:
             timeout_s = 3.0  # a dead agent publishes nothing more; give in-flight records a moment
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and len(self.central.records) < len(self.truth):
-            await asyncio.sleep(0.1)
+        while time.monotonic() < deadline and len(self.central.records) < len(self.truth):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)  # records arrive on paho's thread; a bounded poll is simplest
 
     async def _progress(self) -> None:
         while True:
@@ -546,11 +546,15 @@ def _rng(index: int) -> random.Random:
     return random.Random(index * 7919)
 
 
-async def run_line(spec: RunSpec, broker: Mosquitto | None = None,
-                   on_progress: Callable[[LineRun], None] | None = None, keep: bool = False) -> tuple[LineRun, dict[str, Any]]:
+async def run_line(
+    spec: RunSpec,
+    broker: Mosquitto | None = None,
+    on_progress: Callable[[LineRun], None] | None = None,
+    keep: bool = False,
+) -> tuple[LineRun, dict[str, Any]]:
     run = LineRun(spec, broker, on_progress)
     try:
-        metrics = await run.run()
+        await run.run()
         run.add_process_figures()
         return run, run.metrics
     finally:

@@ -80,8 +80,8 @@ class LiveView:
             f"  records published  {m['records_published']}\n"
             + (f"  hidden items       {m['hidden_items']}   caught {m['hidden_items_caught']}   "
                f"released {m['hidden_items_released']}\n" if "hidden_items" in m else "")
-            + f"  decision ms        p50 {m['decision_ms']['p50']}  p99 {m['decision_ms']['p99']}  max {m['decision_ms']['max']}\n"
-            f"  agent              rss {m.get('rss_mb')} MB, cpu {m.get('cpu_ms_per_parcel')} ms/parcel\n"
+            + "  decision ms        p50 {p50}  p99 {p99}  max {max}\n".format(**m["decision_ms"])
+            + f"  agent              rss {m.get('rss_mb')} MB, cpu {m.get('cpu_ms_per_parcel')} ms/parcel\n"
         )
         self.out.flush()
 

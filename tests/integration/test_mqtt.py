@@ -94,7 +94,7 @@ async def test_every_message_on_the_wire_matches_its_schema(broker: Mosquitto, l
         _, m = await run_line(spec, broker=broker)
         await asyncio.sleep(0.5)
     kinds: Counter[str] = Counter()
-    for topic, payload in cap.messages:
+    for _topic, payload in cap.messages:
         data = json.loads(payload)
         name = data["schema"].removeprefix("sortgate.").split("/")[0]
         _validator(name).validate(data)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from hw_sim.controller import ControllerModel, ControllerParams
 from firmware_bridge import contract as c
+from hw_sim.controller import ControllerModel, ControllerParams
 
 
 class Clock:

@@ -76,7 +76,7 @@ def test_s10_check_digit_special_cases() -> None:
     from agent.waybill import _s10
 
     for serial in ("00000000", "12345678", "99999999", "00000001", "31415926"):
-        total = sum(int(d) * w for d, w in zip(serial, (8, 6, 4, 2, 3, 5, 9, 7)))
+        total = sum(int(d) * w for d, w in zip(serial, (8, 6, 4, 2, 3, 5, 9, 7), strict=True))
         cd = {10: 0, 11: 5}.get(11 - total % 11, 11 - total % 11)
         assert _s10(f"EE{serial}{cd}CN") is None
         assert _s10(f"EE{serial}{(cd + 1) % 10}CN") is not None
