@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,7 +66,8 @@ def link_settings(cfg: Config) -> LinkSettings:
 
 
 class StartupError(Exception):
-    """The agent cannot start (a secret or key file is missing or unreadable)."""
+    """The agent cannot start: a secret, key, model or state file is missing, unreadable or unusable.
+    The message starts with the config key it comes from. Exit code 2, like an invalid config."""
 
 
 def _security(cfg: Config) -> tuple[KeyRing | None, TlsSettings | None, str | None]:
@@ -114,11 +116,12 @@ class Agent:
         self.hash = config_hash(cfg)
         keyring, tls, password = _security(cfg)
         self.vision = _vision(cfg)
-        state = cfg.storage.state_dir
-        self.verdicts = VerdictStore(Path(state) / "verdicts.sqlite", cfg.verdicts.default_ttl_s)
-        self.outbox = Outbox(
-            Path(state) / "outbox.sqlite", cfg.outbox.max_records, cfg.outbox.max_mb * 1024 * 1024
-        )
+        state = Path(cfg.storage.state_dir)
+        try:
+            self.verdicts = VerdictStore(state / "verdicts.sqlite", cfg.verdicts.default_ttl_s)
+            self.outbox = Outbox(state / "outbox.sqlite", cfg.outbox.max_records, cfg.outbox.max_mb * 1024 * 1024)
+        except (OSError, sqlite3.Error) as exc:
+            raise StartupError(f"storage.state_dir: {state}: {exc}") from exc
         self.link = ControllerLink(link_settings(cfg))
         self.mqtt = MqttLink(
             host=cfg.mqtt.host, port=cfg.mqtt.port,

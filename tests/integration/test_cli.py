@@ -52,3 +52,13 @@ def test_syntax_error_and_missing_file(tmp_path: Path) -> None:
     assert r.returncode == 2 and "TOML syntax error" in r.stderr and str(bad) in r.stderr
     r = sortgate("run", "--config", str(tmp_path / "nope.toml"))
     assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_unusable_state_dir_stops_start_up_with_the_key(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state folder should be")
+    cfg = tmp_path / "state.toml"
+    cfg.write_text(EXAMPLE.read_text().replace('state_dir = "/var/lib/sortgate"', f'state_dir = "{blocker}/state"'))
+    r = sortgate("run", "--config", str(cfg))
+    assert r.returncode == 2
+    assert "storage.state_dir" in r.stderr and str(blocker) in r.stderr
