@@ -220,7 +220,8 @@ class VisionCheck:
             return None
 
     def _rotate(self) -> None:
-        files = sorted(self.keep_dir.rglob("*.png"), key=lambda p: p.stat().st_mtime)
+        # oldest first; mtimes are coarse (a kernel tick), so ties are broken by path
+        files = sorted(self.keep_dir.rglob("*.png"), key=lambda p: (p.stat().st_mtime_ns, str(p)))
         total = sum(p.stat().st_size for p in files)
         while files and total > self.keep_max_bytes:
             oldest = files.pop(0)

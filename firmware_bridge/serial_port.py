@@ -55,6 +55,9 @@ class ReaderPort:
     def open(self) -> None:
         try:
             port = serial.Serial(self.device, timeout=0, exclusive=True, **self._params)
+            # Bytes buffered before we opened belong to parcels this agent never saw (sent while it
+            # was down): drop them rather than let them look like fresh frames.
+            port.reset_input_buffer()
         except (serial.SerialException, OSError, ValueError) as exc:
             raise SerialPortError(f"reader {self.name}: cannot open {self.device}: {exc}") from exc
         self._port = port
