@@ -51,10 +51,8 @@ class ControllerSupervisor:
         self.link = link
         self.line = line
         self.speed = SpeedEstimator()
-        self.last_poll_at = 0.0
         self.status: c.Status | None = None
         self.connected = asyncio.Event()
-        self.ring_overruns = 0
 
     def check_identity(self, ident: c.Identity) -> None:
         """Refuse a controller whose constants do not fit this line's config."""
@@ -159,13 +157,12 @@ class ControllerSupervisor:
             status = await self.link.poll()
             now = time.monotonic()
             self.status = status
-            self.last_poll_at = now
             cps = self.speed.update(now, status.encoder)
             self.line.set_problems(status.problems())
             if status.trigger_head != trigger_head:
                 seqs = c.ring_entries_between(trigger_head, status.trigger_head, c.TRIGGER_RING_LEN)
                 if c.seq_distance(trigger_head, status.trigger_head) > len(seqs):
-                    self.ring_overruns += 1
+                    self.line.counters["trigger_ring_overruns"] += 1
                     log.error("trigger ring overrun: parcels missed (they default to inspection)")
                 entries = await self.link.read_triggers(seqs)
                 for seq in seqs:

@@ -186,7 +186,11 @@ class Agent:
             "problems": list(self.line.problems),
             "alarms": [{"alarm": k, "subject": s, "detail": d} for (k, s), d in self.alarms.active.items()],
             "outbox_pending": self.outbox.count(),
+            "outbox_published": self.publisher.published,
+            "outbox_acked": self.publisher.acked,
             "verdicts_stored": self.verdicts.count(),
+            "controller_requests": self.link.requests,
+            "reader_bytes": {r.name: r.bytes_in for r in self.readers},
             "counters": dict(self.line.counters),
         }
 

@@ -33,7 +33,6 @@ class SimReader:
         self.name = name
         self.prefix, self.suffix, self.noread, self.delimiter = prefix, suffix, noread, delimiter
         self._master, self._slave, self.path = _raw_pty()
-        self.frames_sent = 0
 
     def send_raw(self, data: bytes) -> float:
         """Write bytes to the wire; returns the monotonic time they were written."""
@@ -48,7 +47,6 @@ class SimReader:
         return time.monotonic()
 
     def send(self, codes: list[str] | None) -> float:
-        self.frames_sent += 1
         return self.send_raw(encode_frame(codes, self.prefix, self.suffix, self.noread, self.delimiter))
 
     def drain(self) -> bytes:
