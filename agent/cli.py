@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from agent.config import ConfigError, load_config
 
@@ -49,7 +50,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     mix = Mix(hidden_item=0.06) if args.images else Mix()
     plan = make_plan(args.parcels, args.rate, args.seed, args.speed, args.readers, mix=mix)
     spec = RunSpec(parcels=args.parcels, rate=args.rate, seed=args.seed, speed_mps=args.speed,
-                   readers=args.readers, transport=args.transport, plan=plan, images=args.images)
+                   readers=args.readers, transport=args.transport, plan=plan, images=args.images,
+                   **_reader_spec(args))
     view = LiveView(sys.stdout, plain=args.plain)
     run, metrics = asyncio.run(run_line(spec, on_progress=view.update))
     view.summary(run, metrics)
@@ -68,9 +70,14 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"sortgate bench line: {exc}", file=sys.stderr)
         return 2
+    try:
+        readers = _reader_spec(args)
+    except ValueError as exc:
+        print(f"sortgate bench line: {exc}", file=sys.stderr)
+        return 2
     spec = RunSpec(parcels=args.parcels, rate=args.rate, seed=args.seed, speed_mps=args.speed,
                    readers=args.readers, transport=args.transport, plan=plan, chaos_steps=steps,
-                   images=args.images)
+                   images=args.images, **readers)
     _, metrics = asyncio.run(run_line(spec))
     metrics = {"bench": "line", "rate": args.rate, "transport": args.transport, "images": args.images, **metrics}
     if args.json:
@@ -79,6 +86,21 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
         for k, v in metrics.items():
             print(f"{k:>20}: {v}")
     return 0
+
+
+def _reader_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The simulated readers' settings and faults from the command line."""
+    from hw_sim.reader_faults import FAULTS
+
+    names = [n for n in (args.faults or "").split(",") if n]
+    if names == ["all"]:
+        names = list(FAULTS)
+    unknown = [n for n in names if n not in FAULTS]
+    if unknown:
+        raise ValueError(f"unknown reader fault(s) {unknown}; known: {', '.join(FAULTS)} (or all)")
+    if not 0 <= args.fault_rate <= 0.2:
+        raise ValueError("--fault-rate must be between 0 and 0.2")
+    return {"reader_faults": names, "fault_rate": args.fault_rate, "reader_counter": not args.no_counter}
 
 
 def _cmd_keys_gen(args: argparse.Namespace) -> int:
@@ -147,6 +169,12 @@ def _line_args(p: argparse.ArgumentParser, parcels: int, rate: float) -> None:
     p.add_argument("--speed", type=float, default=3.0, help="belt speed m/s (default 3.0)")
     p.add_argument("--readers", type=int, default=1, choices=range(1, 5))
     p.add_argument("--transport", choices=("tcp", "rtu"), default="tcp")
+    p.add_argument("--faults", default="", help="reader faults: skip,duplicate,delay,reorder,restart,"
+                   "eye_miss,eye_double (or all)")
+    p.add_argument("--fault-rate", type=float, default=0.01,
+                   help="share of parcel-reader pairs that get one of --faults (default 0.01)")
+    p.add_argument("--no-counter", action="store_true",
+                   help="readers send no trigger counter (frames are tied by their time windows alone)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,6 +43,10 @@ Parity = Literal["N", "E", "O"]
 class LineConfig(_Strict):
     site: Name = Field(description="Site code, part of every MQTT topic")
     line: Name = Field(description="Line name at the site, part of every MQTT topic")
+    max_parcel_mm: int = Field(
+        800, ge=50, le=5000,
+        description="Longest parcel on this line; bounds a reader's window when the controller reports no length",
+    )
 
 
 class ControllerConfig(_Strict):
@@ -59,6 +63,10 @@ class ControllerConfig(_Strict):
     poll_interval_ms: Ms = Field(5, le=1000)
     heartbeat_interval_ms: Ms = Field(100, le=10_000)
     inter_frame_gap_ms: int = Field(0, ge=0, le=100)
+    trigger_publish_ms: int = Field(
+        10, ge=0, le=200,
+        description="Longest time from the photo-eye edge until the controller shows the entry in its trigger ring",
+    )
     reconnect_max_s: float = Field(5.0, gt=0, le=300)
 
     @model_validator(mode="after")
@@ -71,6 +79,25 @@ class ControllerConfig(_Strict):
 
 
 _FRAMINGS = {"crlf": ("", "\r\n"), "cr": ("", "\r"), "lf": ("", "\n"), "stx_etx": ("\x02", "\x03")}
+
+
+class ReaderCounterConfig(_Strict):
+    """The reader's own trigger counter in each frame (strongly recommended: docs/serial-readers.md)."""
+
+    position: Literal["prefix", "suffix"] = "prefix"
+    separator: str = Field(":", max_length=4, description="between counter and data; empty: fixed width")
+    width: int = Field(0, ge=0, le=10, description="digits (0: any number of digits up to the separator)")
+    modulus: int = Field(65536, ge=16, le=10**10, description="the counter wraps to 0 here (10000 for 4 digits)")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ReaderCounterConfig:
+        if not self.separator and not self.width:
+            raise ValueError("a counter needs a separator or a fixed width")
+        if self.separator.isdigit():
+            raise ValueError("the counter separator must not be digits")
+        if self.width and self.modulus > 10**self.width:
+            raise ValueError(f"modulus {self.modulus} does not fit in {self.width} digits")
+        return self
 
 
 class ReaderConfig(_Strict):
@@ -86,7 +113,23 @@ class ReaderConfig(_Strict):
     noread: str = Field("NoRead", min_length=1, max_length=32)
     multi_read_delimiter: str = Field(";", min_length=1, max_length=4)
     max_frame_bytes: int = Field(256, ge=16, le=4096)
-    read_window_ms: Ms = Field(200, le=5000)
+    window_ms: tuple[Annotated[int, Field(ge=0, le=5000)], Annotated[int, Field(ge=1, le=5000)]] = Field(
+        (0, 40), description="[earliest, latest] ms after window_from at which this reader's frame arrives",
+    )
+    window_from: Literal["trailing_edge", "leading_edge"] = Field(
+        "trailing_edge", description="the parcel edge leaving the photo-eye that the window is measured from",
+    )
+    counter: ReaderCounterConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "read_window_ms" in data:
+            raise ValueError(
+                "read_window_ms was replaced by window_ms = [earliest, latest] and window_from "
+                "(docs/serial-readers.md)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _framing(self) -> ReaderConfig:
@@ -97,6 +140,8 @@ class ReaderConfig(_Strict):
             raise ValueError(f"prefix/suffix are only used with framing = 'custom', not '{self.framing}'")
         if self.multi_read_delimiter in self.noread:
             raise ValueError("multi_read_delimiter must not occur inside the noread string")
+        if self.window_ms[0] >= self.window_ms[1]:
+            raise ValueError(f"window_ms: earliest must be below latest, got {list(self.window_ms)}")
         return self
 
     @property

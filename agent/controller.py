@@ -139,6 +139,9 @@ class ControllerSupervisor:
                 break  # a stopped belt: no parcel moves, and none can be released (belt_stopped)
             self.speed.update(time.monotonic(), status.encoder)
         trigger_head = status.trigger_head
+        # Triggers up to this head are not ours to decide (they default); frames of theirs may still
+        # arrive, so the matcher must not take any trigger before this moment as known.
+        self.line.new_session(time.monotonic())
         # Results: continue from the last one recorded durably (results of parcels that left the
         # belt while the agent was down are still in the ring); on a first start, from now.
         cursor = self.line.result_cursor()
@@ -171,6 +174,12 @@ class ControllerSupervisor:
                 trigger_head = status.trigger_head
             if status.result_head != result_head:
                 result_head = await self._read_results(result_head, status.result_head)
+            self.line.on_poll(sent, now, prev_sent, status.encoder, cps)
             prev_sent = sent
-            self.line.tick(now)
-            await asyncio.sleep(poll_s)
+            # the next poll at the interval, or at once when an input waits for it
+            if not self.line.poll_now.is_set():
+                try:
+                    await asyncio.wait_for(self.line.poll_now.wait(), poll_s)
+                except TimeoutError:
+                    pass
+            self.line.poll_now.clear()

@@ -61,6 +61,16 @@ class Reason(enum.StrEnum):
     MODE_INSPECT_ALL = "mode_inspect_all"
     MODE_MAINTENANCE = "mode_maintenance"
     LATE = "late"
+    READ_AMBIGUOUS = "read_ambiguous"  # a frame could belong to this parcel or another
+    READ_CONFLICT = "read_conflict"  # two different frames from one reader fit this parcel
+    READER_UNMATCHED = "reader_unmatched"  # the reader's frames stopped matching triggers
+
+
+_PROBLEM_REASONS: Mapping[str, Reason] = {
+    "ambiguous": Reason.READ_AMBIGUOUS,
+    "conflict": Reason.READ_CONFLICT,
+    "unmatched": Reason.READER_UNMATCHED,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,13 +78,19 @@ class ReaderOutcome:
     """What one barcode reader said about one trigger.
 
     ``codes`` empty with ``no_read`` True: the reader sent its NoRead string.
-    ``timed_out``: the reader sent nothing inside the read window.
+    ``timed_out``: no frame of the reader was tied to this trigger inside its window.
+    ``problem``: the evidence could not settle what the reader said about this parcel —
+    "ambiguous" (a frame fits this parcel and another), "conflict" (two different frames fit it),
+    "unmatched" (the reader's frames have stopped matching triggers). Any problem is inspection.
+    ``counter``: the reader's own trigger counter in the frame, where it sends one.
     """
 
     reader: str
     codes: tuple[str, ...] = ()
     no_read: bool = False
     timed_out: bool = False
+    problem: str | None = None
+    counter: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +150,13 @@ def identify(reads: tuple[ReaderOutcome, ...], accept: tuple[str, ...]) -> tuple
     codes = distinct_codes(reads)
     checks = tuple(check_code(c, accept) for c in codes)
     reasons: list[str] = []
+    for outcome in reads:
+        if outcome.problem is not None:
+            reason = _PROBLEM_REASONS.get(outcome.problem, Reason.READER_UNMATCHED)
+            if reason not in reasons:
+                reasons.append(reason)
+    if reasons:  # what a reader said about this parcel is unknown: no code can be trusted as its only one
+        return None, reasons, checks
     if not codes:
         if any(r.timed_out for r in reads) or not reads:
             reasons.append(Reason.READER_TIMEOUT)

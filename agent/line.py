@@ -2,8 +2,9 @@
 
 For every trigger the controller captures, ``Line`` runs one short task:
 
-1. wait for every reader's frame for that trigger (``ReadMatcher``), but no longer than the read
-   window, and never past the parcel's deadline minus the safety margin;
+1. wait until every reader has given its final answer for that trigger (``Matcher``: a frame tied
+   to it by evidence, a time-out, or an ambiguity), never past the parcel's deadline minus the
+   safety margin;
 2. identify the one valid waybill, look its verdict up in the local store;
 3. ``decide()`` (pure) → lane + reasons;
 4. write the lane to the controller's mailbox and check the acknowledgement.
@@ -43,7 +44,7 @@ from agent.decision import (
     decide,
     identify,
 )
-from agent.matching import Match, Orphan, ReadMatcher
+from agent.matching import Capture, Matcher, Note, Outcome, SourceSpec, capture_interval
 from agent.outbox import OutboxPublisher
 from agent.verdicts import VerdictStore
 from firmware_bridge import contract as c
@@ -62,6 +63,16 @@ ACK_TIMEOUT_S = 0.1
 LOOKUP_RESERVE_S = 0.02
 #: the matcher's name for the X-ray image export, beside the readers' names
 IMAGE_SOURCE = "xray"
+#: what the agent does with each thing the matcher notices: (counter, alarm event or None, log level)
+_NOTE_ALARMS = {
+    "orphan": "reader_frame_unmatched",
+    "conflict": "reader_frame_unmatched",
+    "mismatch": "reader_frame_unmatched",
+    "ambiguous": "reader_frame_unmatched",
+    "counter_gap": "reader_counter_gap",
+    "counter_reset": "reader_counter_reset",
+    "duplicate": "reader_frame_repeated",
+}
 
 
 @dataclass
@@ -73,6 +84,7 @@ class Parcel:
     deadline: float  # monotonic time the parcel reaches the decision point
     reads: dict[str, ReaderOutcome] = field(default_factory=dict)
     last_input_at: float = 0.0
+    read_settled: bool = False  # every reader has given its final answer
     all_read: asyncio.Event = field(default_factory=asyncio.Event)
     verdict: VerdictLookup | None = None
     decision: Decision | None = None
@@ -124,15 +136,22 @@ class Line:
         self.publisher = publisher
         self.config_hash = config_hash
         self.readers = [r.name for r in cfg.readers]
-        windows = {r.name: r.read_window_ms / 1000 for r in cfg.readers}
-        # images named with the trigger sequence are matched exactly; others by order and window
+        sources = [
+            SourceSpec(
+                r.name, r.window_ms[0] / 1000, r.window_ms[1] / 1000, r.window_from,
+                r.counter.modulus if r.counter else None,
+            )
+            for r in cfg.readers
+        ]
+        # images named with the trigger sequence are matched exactly; others by their time window
         self.image_seq = re.compile(cfg.vision.name_seq_regex) if cfg.vision.name_seq_regex else None
         self._early_images: dict[int, tuple[Any, float]] = {}
-        if vision is not None:
-            windows[IMAGE_SOURCE] = cfg.vision.window_ms / 1000
-        self.matcher = ReadMatcher(list(windows), windows, early_s=0.1)
+        if vision is not None and self.image_seq is None:
+            sources.append(SourceSpec(IMAGE_SOURCE, 0.0, cfg.vision.window_ms / 1000, "leading_edge"))
+        self.max_parcel_m = cfg.line.max_parcel_mm / 1000
+        self.matcher = Matcher(sources, max_pass_s=1.0)
+        self.publish_s = cfg.controller.trigger_publish_ms / 1000
         self.margin_s = cfg.decision.safety_margin_ms / 1000
-        self.max_window_s = max(windows.values())
         self.trigger_hooks: list[Callable[[], None]] = []  # e.g. a capture source grabbing a frame
         self.parcels: dict[int, Parcel] = {}
         self.mode = Mode.NORMAL
@@ -140,11 +159,13 @@ class Line:
         self.identity: c.Identity | None = None
         self._cmd_counter = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._trailing: dict[int, int] = {}  # seq -> encoder count at which its trailing edge passes
+        self.poll_now = asyncio.Event()  # set when an input waits for the next controller poll
         self._records: asyncio.Queue[RecordJob] = asyncio.Queue()
         self._persisting: set[asyncio.Task[None]] = set()
         self.outbox_ok = True
-        self.on_alarm: Callable[[str, bool, str], None] = lambda kind, active, detail: None
-        self.on_event: Callable[[str, str], None] = lambda kind, detail: None
+        self.on_alarm: Callable[..., None] = lambda kind, active, detail, subject=None: None
+        self.on_event: Callable[..., None] = lambda kind, detail, **extra: None
         # Ask central for a verdict the store lacks: (waybill, seconds) -> lookup. Set by the agent.
         self.ask: Callable[[str, float], Awaitable[VerdictLookup]] | None = None
         self.counters: Counter[str] = Counter()
@@ -168,6 +189,12 @@ class Line:
             self.problems = problems
 
     # --- inputs -------------------------------------------------------------------------
+    def new_session(self, known_since: float) -> None:
+        """A controller session starts: triggers captured before ``known_since`` may never be
+        seen (they were in the ring before this session read its head)."""
+        self.matcher.new_session(known_since)
+        self._trailing.clear()
+
     def on_trigger(
         self, entry: c.TriggerEntry, encoder_now: int, speed_cps: float, now: float, captured_after: float
     ) -> None:
@@ -182,15 +209,18 @@ class Line:
         self.counters["triggers"] += 1
         for hook in self.trigger_hooks:
             hook()
-        # When the photo-eye fired: from the encoder, and never before the previous poll (a slow or
-        # unknown belt speed must not push it into the past and let older frames match).
-        t_actual = max(now - max(travelled, 0) / max(speed_cps, 1.0), captured_after)
-        self._apply(self.matcher.add_trigger(entry.seq, now, t_actual))
+        if speed_cps > 0:  # the longest parcel's passing time bounds windows of unmeasured parcels
+            self.matcher.max_pass_s = max(self.max_parcel_m * self.identity.counts_per_metre / speed_cps, 0.05)
+        lo, hi = capture_interval(now, captured_after - self.publish_s, travelled, speed_cps, self.publish_s)
+        self.matcher.add_trigger(Capture(entry.seq, lo, hi, measured=entry.length_mm > 0))
+        if entry.length_mm > 0:  # its trailing edge leaves the photo-eye at this encoder count
+            self._trailing[entry.seq] = (entry.encoder + entry.length_mm * self.identity.counts_per_metre // 1000) \
+                & 0xFFFFFFFF
         if self.image_seq is not None:
-            self.matcher.cancel(IMAGE_SOURCE, entry.seq)  # images come by sequence, not by order
             early = self._early_images.pop(entry.seq, None)
             if early is not None:
                 self._attach_image(p, *early)
+        self._settle(p)
         task = asyncio.create_task(self._run_parcel(p), name=f"parcel-{entry.seq}")
         self._tasks.add(task)
         task.add_done_callback(self._parcel_done)
@@ -211,13 +241,22 @@ class Line:
                 detail=event.detail, bytes=event.preview(),
             )
             return
-        self._apply(self.matcher.add_frame(reader, event, t))
+        self._apply(self.matcher.add_frame(reader, event, t, event.counter))
+        if self.matcher.holding():
+            self.poll_now.set()  # a frame waits to learn which triggers exist: look now
 
     def on_image(self, image: Any, t: float) -> None:
         """An X-ray image (a file path or a frame) from the image source."""
-        m = self.image_seq.search(Path(image).name) if self.image_seq and isinstance(image, str) else None
-        if m is None:
+        if self.image_seq is None:
             self._apply(self.matcher.add_frame(IMAGE_SOURCE, image, t))
+            if self.matcher.holding():
+                self.poll_now.set()
+            return
+        m = self.image_seq.search(Path(image).name) if isinstance(image, str) else None
+        if m is None:
+            self.counters["image_orphans"] += 1
+            log.warning("image name carries no trigger sequence; not used", image=str(image))
+            self._discard(image)
             return
         seq = int(m.group("seq"))
         p = self.parcels.get(seq)
@@ -234,12 +273,26 @@ class Line:
             return
         p.image_path, p.image_done = image, True
         p.last_input_at = max(p.last_input_at, t)
-        if len(p.reads) == len(self.readers):
-            p.all_read.set()
+        self._settle(p)
+
+    def on_poll(self, sent: float, now: float, prev_sent: float, encoder: int, speed_cps: float) -> None:
+        """A status poll sent at ``sent`` returned at ``now`` (its triggers already handed over):
+        place the trailing edges the encoder has passed, and every trigger captured before
+        ``sent`` is known."""
+        for seq, target in list(self._trailing.items()):
+            past = c.encoder_delta(target, encoder)
+            if past >= 0:
+                del self._trailing[seq]
+                lo, hi = capture_interval(now, prev_sent - self.publish_s, past, speed_cps, self.publish_s)
+                self.matcher.set_trailing(seq, lo, hi)
+            elif past < -(1 << 30):  # a controller restart left it behind: forget it
+                del self._trailing[seq]
+        self.matcher.set_horizon(sent - self.publish_s)
+        self.tick(now)
 
     def tick(self, now: float) -> None:
-        """Periodic: expire read windows (and images that found no parcel)."""
-        self._apply(self.matcher.expire(now))
+        """Periodic: close read windows (and drop images that found no parcel)."""
+        self._apply(self.matcher.advance(now))
         for seq, (image, t) in list(self._early_images.items()):
             if now - t > 1.0:
                 del self._early_images[seq]
@@ -251,36 +304,80 @@ class Line:
         if self.vision is not None and self.cfg.vision.consume:
             self.vision.discard(image)
 
-    def _apply(self, events: list[Match | Orphan]) -> None:
+    def _settle(self, p: Parcel) -> None:
+        """Wake the parcel's task once every source has answered."""
+        if not p.read_settled and not self.matcher.expect(p.seq):
+            p.read_settled = True
+        if p.read_settled and (p.image_done or self.vision is None or self.image_seq is None):
+            p.all_read.set()
+
+    def _apply(self, events: list[Outcome | Note]) -> None:
         for ev in events:
-            if isinstance(ev, Orphan):
-                self.counters["orphan_frames"] += 1
-                log.warning("frame matched no trigger", source=ev.source, payload=str(ev.payload)[:120])
+            if isinstance(ev, Note):
+                self._note(ev)
                 continue
             p = self.parcels.get(ev.seq)
             if p is None or p.decision is not None:
+                if ev.source == IMAGE_SOURCE and ev.payload is not None:
+                    self._discard(ev.payload)
                 continue
             if ev.source == IMAGE_SOURCE:
-                p.image_path = ev.payload  # None when it timed out
+                p.image_path = ev.payload  # None unless an image was tied to it
                 p.image_done = True
-            elif ev.timed_out:
-                p.reads[ev.source] = ReaderOutcome(ev.source, timed_out=True)
             else:
-                p.reads[ev.source] = ReaderOutcome(ev.source, ev.payload.codes, no_read=ev.payload.no_read)
+                frame = ev.payload if ev.status == "read" else None
+                p.reads[ev.source] = ReaderOutcome(
+                    ev.source,
+                    frame.codes if frame is not None else (),
+                    no_read=frame.no_read if frame is not None else False,
+                    timed_out=ev.status == "timed_out",
+                    problem="unmatched" if ev.unmatched else (
+                        ev.status if ev.status in ("ambiguous", "conflict") else None
+                    ),
+                    counter=ev.counter,
+                )
             if ev.t_frame is not None:
                 p.last_input_at = max(p.last_input_at, ev.t_frame)
-            if len(p.reads) == len(self.readers) and (p.image_done or not self.vision):
-                p.all_read.set()
+            self._settle(p)
+
+    def _note(self, note: Note) -> None:
+        if note.kind == "aligned":
+            self.counters[f"reader_aligned_{note.source}"] += 1
+            log.info("reader counter aligned", reader=note.source, detail=note.detail)
+            return
+        if note.kind in ("unmatched", "matched"):
+            self.on_alarm("reader_unmatched", note.kind == "unmatched",
+                          f"reader {note.source}: {note.detail}", subject=note.source)
+            return
+        self.counters[f"reader_{note.kind}"] += 1
+        if note.source == IMAGE_SOURCE:
+            if note.payload is not None:
+                self._discard(note.payload)
+            log.warning("image not tied to a parcel", kind=note.kind, seqs=list(note.seqs), detail=note.detail)
+            return
+        payload = getattr(note.payload, "raw", note.payload)
+        log.warning(
+            "reader frame not tied to a parcel" if note.kind in ("orphan", "ambiguous", "mismatch", "conflict",
+                                                                  "counter_reset")
+            else "reader fault", reader=note.source, kind=note.kind, seqs=list(note.seqs), detail=note.detail,
+            frame=repr(payload)[:120] if payload is not None else None,
+        )
+        alarm = _NOTE_ALARMS.get(note.kind)
+        if alarm:
+            self.on_event(alarm, f"reader {note.source}: {note.detail}", subject=note.source, reason=note.kind)
 
     # --- the decision task --------------------------------------------------------------
     async def _run_parcel(self, p: Parcel) -> None:
         bound = structlog.contextvars.bound_contextvars(seq=p.seq)
         with bound:
-            decide_by = min(p.seen_at + self.max_window_s, p.deadline - self.margin_s)
+            # leave room for the look-up, the image check and the command before the safety margin
+            decide_by = p.deadline - self.margin_s - LOOKUP_RESERVE_S
             try:
                 await asyncio.wait_for(p.all_read.wait(), timeout=max(0.0, decide_by - time.monotonic()))
             except TimeoutError:
-                pass
+                self._apply(self.matcher.give_up(p.seq))  # a read not final by now is not trusted
+                if not p.image_done:
+                    p.image_done = True
             reads = tuple(p.reads.get(r) or ReaderOutcome(r, timed_out=True) for r in self.readers)
             waybill, _, _ = identify(reads, tuple(self.cfg.waybill.accept))
             p.verdict = self.verdicts.lookup(waybill) if waybill else None
@@ -437,7 +534,10 @@ class Line:
                 "seen_at": messages.iso(p.seen_wall),
             },
             "reads": [
-                {"reader": r.reader, "codes": list(r.codes), "no_read": r.no_read, "timed_out": r.timed_out}
+                {
+                    "reader": r.reader, "codes": list(r.codes), "no_read": r.no_read, "timed_out": r.timed_out,
+                    "problem": r.problem, "counter": r.counter,
+                }
                 for r in (p.reads.get(name) or ReaderOutcome(name, timed_out=True) for name in self.readers)
             ],
             "waybill": d.waybill if d else None,

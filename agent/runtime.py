@@ -43,7 +43,7 @@ from agent.security import KeyRing, read_secret, resolve_secret
 from agent.verdicts import VerdictStore
 from firmware_bridge.errors import ContractMismatch
 from firmware_bridge.modbus_link import ControllerLink, LinkSettings
-from firmware_bridge.reader_codec import FrameDecoder
+from firmware_bridge.reader_codec import CounterFormat, FrameDecoder
 from firmware_bridge.serial_port import ReaderPort
 
 if TYPE_CHECKING:
@@ -148,7 +148,9 @@ class Agent:
                 self.line.trigger_hooks.append(capture.on_trigger)
                 self.image_source = capture
         self.alarms = Alarms(cfg.line.site, cfg.line.line, self._alarm_sink)
-        self.line.on_alarm = lambda kind, active, detail: self.alarms.condition(kind, active, detail)
+        self.line.on_alarm = lambda kind, active, detail, subject=None: self.alarms.condition(
+            kind, active, detail, subject=subject
+        )
         self.line.on_event = self.alarms.event
         self.inbound = Inbound(
             cfg, self.verdicts, keyring, self.alarms, self.mqtt, self.link, self.line.counters,
@@ -162,7 +164,11 @@ class Agent:
         self.readers = [
             ReaderPort(
                 r.name, r.device,
-                FrameDecoder(*r.frame_bytes, r.noread, r.multi_read_delimiter, r.max_frame_bytes),
+                FrameDecoder(
+                    *r.frame_bytes, r.noread, r.multi_read_delimiter, r.max_frame_bytes,
+                    CounterFormat(r.counter.position, r.counter.separator, r.counter.width, r.counter.modulus)
+                    if r.counter else None,
+                ),
                 on_event=self.line.on_reader_event, on_state=self._reader_state,
                 baudrate=r.baudrate, bytesize=r.bytesize, parity=r.parity, stopbits=r.stopbits,
             )

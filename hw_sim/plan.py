@@ -44,7 +44,7 @@ class PlannedParcel:
     verdict: str  # release | inspect | hold | none
     waybill: str | None  # the code central knows it by (first printed code)
     reader_misread: bool
-    decode_ms: tuple[float, ...]  # per reader
+    decode_ms: tuple[float, ...]  # per reader: its frame leaves this long after the trailing edge
     item: str | None = None  # a prohibited item inside (battery, blade, firearm, liquid)
     scan_ms: float = 100.0  # X-ray image export delay after the trigger
 
@@ -114,7 +114,8 @@ def make_plan(
             codes = (waybills.corrupt_check_digit(code),)
         else:
             codes = (code,)
-        decode = tuple(rng.uniform(15.0, 60.0) for _ in range(readers))
+        # each reader's processing after its reading gate closes (the parcel's trailing edge)
+        decode = tuple(rng.uniform(3.0, 8.0) for _ in range(readers))
         parcels.append(
             PlannedParcel(
                 index=i,

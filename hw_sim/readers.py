@@ -15,7 +15,10 @@ import os
 import time
 import tty
 
-from firmware_bridge.reader_codec import encode_frame
+from firmware_bridge.reader_codec import CounterFormat, encode_frame
+
+#: the counter our simulated readers prefix when they send one: 4 digits, wrapping at 10000
+SIM_COUNTER = CounterFormat("prefix", ":", 4, 10_000)
 
 
 def _raw_pty() -> tuple[int, int, str]:
@@ -28,10 +31,12 @@ def _raw_pty() -> tuple[int, int, str]:
 class SimReader:
     def __init__(
         self, name: str, prefix: bytes = b"", suffix: bytes = b"\r\n", noread: str = "NoRead",
-        delimiter: str = ";",
+        delimiter: str = ";", counter: CounterFormat | None = None,
     ) -> None:
         self.name = name
         self.prefix, self.suffix, self.noread, self.delimiter = prefix, suffix, noread, delimiter
+        self.counter_format = counter
+        self.counter = 0  # the reader's trigger counter: one step per read cycle, 0 after power-up
         self._master, self._slave, self.path = _raw_pty()
 
     def send_raw(self, data: bytes) -> float:
@@ -46,8 +51,17 @@ class SimReader:
             view = view[n:]
         return time.monotonic()
 
-    def send(self, codes: list[str] | None) -> float:
-        return self.send_raw(encode_frame(codes, self.prefix, self.suffix, self.noread, self.delimiter))
+    def next_cycle(self) -> int:
+        """A read cycle starts: the counter moves on (whether or not a frame follows)."""
+        self.counter = (self.counter + 1) % (self.counter_format.modulus if self.counter_format else 1 << 32)
+        return self.counter
+
+    def send(self, codes: list[str] | None, counter: int | None = None) -> float:
+        if self.counter_format is None:
+            counter = None
+        return self.send_raw(
+            encode_frame(codes, self.prefix, self.suffix, self.noread, self.delimiter, counter, self.counter_format)
+        )
 
     def drain(self) -> bytes:
         """Read whatever the agent sent towards the reader (nothing, normally)."""

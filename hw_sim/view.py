@@ -75,7 +75,12 @@ class LiveView:
             f"  had to be released {m['expected_release']}   released {m['released']}\n"
             f"  inspected          {m['inspected']}\n"
             f"  wrongly released   {m['wrongly_released']}\n"
-            f"  missorted          {m['missorted']}\n"
+            f"  wrong identity     {m['wrong_identity']}   (records naming a code not printed on the parcel)\n"
+            f"  needless inspections {sum(m['needless_inspections'].values()) if m['needless_inspections'] else 0}"
+            f"   {', '.join(f'{k} {v}' for k, v in m['needless_inspections'].items()) or ''}\n"
+            + (f"  reader faults      {', '.join(f'{k} {v}' for k, v in m['reader_faults'].items())}\n"
+               if m.get("reader_faults") else "")
+            + f"  missorted          {m['missorted']}\n"
             f"  late (defaulted)   {m['late']}\n"
             f"  records published  {m['records_published']}\n"
             + (f"  hidden items       {m['hidden_items']}   caught {m['hidden_items_caught']}   "

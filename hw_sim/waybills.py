@@ -75,7 +75,14 @@ def corrupt_check_digit(code: str) -> str:
 
 
 def misread(code: str, rng: random.Random) -> str:
-    """A reader's substitution error: one digit replaced by another."""
+    """A reader's substitution error: one digit replaced by another, invalid in every format.
+
+    A check digit does not catch every substitution (S10's mod 11 maps two remainders to 5), but
+    the barcode symbology's own check character (Code 128's) makes a misread that is still a
+    valid waybill vanishingly rare on a real reader; the simulator does not produce one."""
     digits = [i for i, ch in enumerate(code) if ch.isdigit()]
-    i = rng.choice(digits)
-    return code[:i] + str((int(code[i]) + rng.randrange(1, 10)) % 10) + code[i + 1 :]
+    while True:
+        i = rng.choice(digits)
+        out = code[:i] + str((int(code[i]) + rng.randrange(1, 10)) % 10) + code[i + 1 :]
+        if not check_code(out, list(GENERATORS)).valid:
+            return out
