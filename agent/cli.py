@@ -88,6 +88,32 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_identity(args: argparse.Namespace) -> int:
+    from hw_sim.identity import IdentitySpec, IdentityViolation, run_identity
+    from hw_sim.reader_faults import FAULTS
+
+    faults = tuple(FAULTS if args.faults == "all" else (n for n in args.faults.split(",") if n))
+    unknown = [f for f in faults if f not in FAULTS]
+    if unknown:
+        print(f"sortgate bench identity: unknown fault(s) {unknown}; known: {', '.join(FAULTS)}", file=sys.stderr)
+        return 2
+    spec = IdentitySpec(
+        parcels=args.parcels, seed=args.seed, readers=args.readers, counter=args.counter, faults=faults,
+        fault_rate=args.fault_rate, restart_every=args.restart_every,
+    )
+    try:
+        figures = run_identity(spec)
+    except IdentityViolation as exc:
+        print(f"sortgate bench identity: VIOLATION: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        for k, v in figures.items():
+            print(f"{k:>28}: {v}")
+    return 0
+
+
 def _reader_spec(args: argparse.Namespace) -> dict[str, Any]:
     """The simulated readers' settings and faults from the command line."""
     from hw_sim.reader_faults import FAULTS
@@ -204,6 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", action="store_true",
                    help="X-ray images with the image check required; 6%% of parcels hide a prohibited item")
     b.set_defaults(func=_cmd_bench_line)
+
+    b = bsub.add_parser(
+        "identity",
+        help="matching and decisions in virtual time against ground truth (no wires): a code never "
+        "reaches another parcel",
+    )
+    b.add_argument("--parcels", type=int, default=100_000)
+    b.add_argument("--seed", type=int, default=1)
+    b.add_argument("--readers", type=int, default=2, choices=range(1, 5))
+    b.add_argument("--counter", choices=("all", "none", "mixed"), default="all",
+                   help="which readers send a trigger counter (mixed: the first only; default all)")
+    b.add_argument("--faults", default="all", help="reader faults to inject (comma list, or all)")
+    b.add_argument("--fault-rate", type=float, default=0.01, help="per parcel and reader (default 0.01)")
+    b.add_argument("--restart-every", type=int, default=20_000,
+                   help="parcels between agent restarts on average (0: none; default 20000)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=_cmd_bench_identity)
 
     p = sub.add_parser("model", help="the on-device image-check model")
     msub = p.add_subparsers(dest="model", required=True)

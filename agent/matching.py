@@ -171,6 +171,8 @@ class _Slot:
     status: Status | None = None  # set when final
     conflict: bool = False
     ambiguous: bool = False
+    proposed: bool = False  # a counter reader's frame held until the next cycle confirms its offset
+    counter_index: int | None = None
 
 
 @dataclass(slots=True)
@@ -178,7 +180,8 @@ class _Source:
     spec: SourceSpec
     held: deque[tuple[Any, float, int | None]] = field(default_factory=deque)
     offset: int | None = None  # trigger idx - counter idx, when aligned
-    candidate: tuple[int, int] | None = None  # (offset, counter index) proposed by the last frame
+    candidate: tuple[int, int, int] | None = None  # (offset, counter index, seq) the last frame proposed
+    confirmed: int | None = None  # the seq whose proposal the alignment confirmed
     last_counter: int | None = None  # unwrapped counter index of the last frame
     last_raw: int | None = None  # its raw value
     attached: dict[int, Any] = field(default_factory=dict)  # counter idx -> frame (for duplicates)
@@ -311,8 +314,8 @@ class Matcher:
         for name, src in self.sources.items():
             slot = self._slots.get((seq, name))
             if slot is not None and slot.status is None:
-                slot.status = "timed_out"
-                out.append(Outcome(seq, name, "timed_out", unmatched=src.unmatched))
+                slot.status = "conflict" if slot.proposed or slot.conflict else "timed_out"
+                out.append(Outcome(seq, name, slot.status, unmatched=src.unmatched))
         return out
 
     def drop_source(self, source: str, seq: int) -> None:
@@ -352,11 +355,9 @@ class Matcher:
                 return
             src.last_raw, src.last_counter = counter, n
             if src.offset is None and self._learn_offset(src, n, cands, unknown, out):
-                pass  # this frame confirms the offset the previous one proposed: tie it like any other
+                self._confirm(src, out)  # the previous frame proposed this offset: both are proven now
             elif src.offset is None:  # not aligned: a counter reader's frame is never tied by the clock alone
-                out.append(Note(name, "unaligned", "reader counter not aligned yet; frame not tied",
-                                tuple(c.seq for c in cands), frame))
-                self._compete(src, cands, out)
+                self._propose(src, frame, t, counter, cands, unknown, out)
                 return
             if not self._by_counter(src, frame, t, counter, n, prev, cands, unknown, out):
                 self._disagree(src, frame, counter, n, prev, cands, unknown, out)
@@ -440,6 +441,35 @@ class Matcher:
         self._bad(src, out)
         self._learn_offset(src, n, cands, unknown, out)  # the first witness of a new alignment
 
+    def _propose(
+        self, src: _Source, frame: Any, t: float, counter: int, cands: list[_Trig], unknown: bool, out: list[Event]
+    ) -> None:
+        """Unaligned: a frame alone in one window is held there until the next cycle confirms the
+        offset it implies (``_confirm``); otherwise it only competes."""
+        slot = self._slots.get((cands[0].seq, src.spec.name)) if len(cands) == 1 and not unknown else None
+        if slot is not None and slot.frame is not None and _same(slot.frame, frame):
+            out.append(Note(src.spec.name, "duplicate", f"counter {counter} repeated", (cands[0].seq,), frame))
+            return
+        if slot is None or slot.status is not None or slot.frame is not None:
+            out.append(Note(src.spec.name, "unaligned", "reader counter not aligned; frame not tied",
+                            tuple(c.seq for c in cands), frame))
+            self._compete(src, cands, out)
+            return
+        slot.frame, slot.t_frame, slot.counter, slot.proposed = frame, t, counter, True
+        slot.counter_index = src.last_counter
+
+    def _confirm(self, src: _Source, out: list[Event]) -> None:
+        """The frame before this one proposed the offset this one confirms: tie it, if nothing has
+        competed for its trigger meanwhile."""
+        assert src.offset is not None and src.confirmed is not None
+        seq = src.confirmed
+        slot = self._slots.get((seq, src.spec.name))
+        if slot is None or slot.status is not None or not slot.proposed or slot.conflict:
+            return
+        slot.status = "read"
+        src.attached[slot.counter_index] = slot.frame
+        out.append(Outcome(seq, src.spec.name, "read", slot.frame, slot.t_frame, slot.counter, src.unmatched))
+
     def _compete(self, src: _Source, cands: list[_Trig], out: list[Event]) -> None:
         """A frame that cannot be tied to anyone but may be any of ``cands``'s: none of them can
         trust a read from this source any more."""
@@ -455,12 +485,13 @@ class Matcher:
             src.candidate = None
             return False
         offset = cands[0].idx - n
-        if src.candidate is not None and src.candidate == (offset, n - 1):  # a later cycle agrees
+        if src.candidate is not None and src.candidate[:2] == (offset, n - 1):  # the next cycle agrees
             src.offset = offset
+            src.confirmed = src.candidate[2]
             src.candidate = None
             out.append(Note(src.spec.name, "aligned", f"reader counter aligned (offset {offset})"))
             return True
-        src.candidate = (offset, n)
+        src.candidate = (offset, n, cands[0].seq)
         return False
 
     def _index(self, src: _Source, counter: int) -> int:
@@ -480,7 +511,9 @@ class Matcher:
         out.append(Outcome(trig.seq, src.spec.name, "ambiguous", unmatched=src.unmatched))
 
     def _close(self, src: _Source, seq: int, slot: _Slot, out: list[Event]) -> None:
-        if slot.conflict:
+        if slot.proposed and not slot.conflict:
+            return  # waits for the next cycle to confirm it, or for the parcel's deadline (give_up)
+        if slot.conflict or slot.proposed:
             slot.status = "conflict"
             out.append(Outcome(seq, src.spec.name, "conflict", unmatched=src.unmatched))
         elif slot.frame is not None:

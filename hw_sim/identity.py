@@ -162,13 +162,19 @@ class IdentityRun:
         every = self.spec.restart_every
         return i + max(1000, int(self.rng.expovariate(1 / every))) if every else -1
 
+    def _unique(self, rng: random.Random) -> str:
+        """A waybill no other parcel of the run carries (a million random ones can repeat)."""
+        while (code := waybills.any_valid(rng)) in self.code_owner:
+            pass
+        return code
+
     def _make_parcel(self, i: int, lead: float, length: float, speed: float, rng: random.Random) -> _Parcel:
-        code = waybills.any_valid(rng)
+        code = self._unique(rng)
         r = rng.random()
         label = "ok" if r < 0.955 else "noread" if r < 0.975 else "multi" if r < 0.985 else (
             "bad_check" if r < 0.995 else "misread")
         if label == "multi":
-            codes: tuple[str, ...] = (code, waybills.any_valid(rng))
+            codes: tuple[str, ...] = (code, self._unique(rng))
         elif label == "bad_check":
             codes = (waybills.corrupt_check_digit(code),)
         else:
