@@ -191,6 +191,13 @@ class VerdictConfig(_Strict):
     lookup_timeout_ms: int = Field(
         300, ge=10, le=5000, description="Upper bound; the parcel's deadline may cut it shorter"
     )
+    max_lifetime_s: int | None = Field(
+        None, ge=60, le=365 * 86_400,
+        description="Refuse verdicts valid for longer than this (expires_at - issued_at); unset: no maximum",
+    )
+    require_scope: bool = Field(
+        False, description="Act only on verdicts that name this site and line (site, line in the item)"
+    )
 
     @model_validator(mode="after")
     def _keys(self) -> VerdictConfig:
@@ -230,6 +237,13 @@ class MqttConfig(_Strict):
     )
     tls: TlsConfig | None = None
     max_inbound_per_s: int = Field(200, ge=1, le=100_000, description="Inbound messages beyond this are dropped")
+    max_verdict_items_per_s: int = Field(
+        2000, ge=10, le=1_000_000,
+        description="Pushed verdict items checked per second at most; the excess is dropped (look-up answers never)",
+    )
+    command_max_age_s: int = Field(
+        300, ge=10, le=86_400, description="A signed command issued longer ago than this is refused"
+    )
 
     @model_validator(mode="after")
     def _auth(self) -> MqttConfig:

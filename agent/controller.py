@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -46,13 +47,17 @@ class SpeedEstimator:
 
 
 class ControllerSupervisor:
-    def __init__(self, cfg: Config, link: ControllerLink, line: Line) -> None:
+    def __init__(
+        self, cfg: Config, link: ControllerLink, line: Line, healthy: Callable[[], bool] = lambda: True
+    ) -> None:
         self.cfg = cfg
         self.link = link
         self.line = line
+        self.healthy = healthy  # False while a vital task is dead or stuck: no heartbeat then
         self.speed = SpeedEstimator()
         self.status: c.Status | None = None
         self.connected = asyncio.Event()
+        self.alive = time.monotonic()  # the poll loop's last turn (liveness)
 
     def check_identity(self, ident: c.Identity) -> None:
         """Refuse a controller whose constants do not fit this line's config."""
@@ -106,6 +111,7 @@ class ControllerSupervisor:
                 else:
                     log.debug("controller still unreachable", error=str(exc))
             self.link.close()
+            self.alive = time.monotonic()
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.cfg.controller.reconnect_max_s)
 
@@ -151,8 +157,10 @@ class ControllerSupervisor:
         prev_sent = time.monotonic()
         self.connected.set()
         while True:
-            now = time.monotonic()
-            if now >= next_hb:
+            now = self.alive = time.monotonic()
+            if now >= next_hb and self.healthy():
+                # only a whole agent keeps the controller's watchdog fed: with a dead task the
+                # watchdog trips and the controller sends every parcel to inspection
                 hb = c.next_seq(hb)
                 await self.link.heartbeat(hb)
                 next_hb = now + hb_s
@@ -179,7 +187,8 @@ class ControllerSupervisor:
             # the next poll at the interval, or at once when an input waits for it
             if not self.line.poll_now.is_set():
                 try:
-                    await asyncio.wait_for(self.line.poll_now.wait(), poll_s)
+                    async with asyncio.timeout(poll_s):  # never wait_for: it can swallow a cancel on 3.11
+                        await self.line.poll_now.wait()
                 except TimeoutError:
                     pass
             self.line.poll_now.clear()

@@ -1,13 +1,22 @@
 """Everything central sends: verdict batches, answers to look-ups, commands.
 
-Nothing inbound can crash the agent or change a lane by itself. Every message is size-limited,
-parsed strictly and validated (``messages``); verdicts then pass the signature, validity and replay
-checks (``security``) before they reach the store. What is rejected is logged, counted, and raised as
-a rate-limited alarm event; a command gets an error reply.
+Nothing inbound can crash, stall, deafen or loosen the agent. Every message is size-limited,
+parsed strictly and validated (``messages``); verdicts then pass the cheap checks (known key, scope,
+lifetime, expiry, replay) and only then the signature check, which runs on a worker thread so the
+event loop keeps its heartbeat. What is rejected is logged, counted, and raised as a rate-limited
+alarm event; a command gets an error reply on an allowed reply topic. A failure inside a handler is
+logged and counted, never raised. Retained messages on input topics are ignored: a command or
+batch must not replay itself at every reconnect.
 
 Flood control: inbound messages are admitted by a token bucket (``max_inbound_per_s``) into a
-bounded queue; beyond either, they are dropped and counted (``inbound_flood``). Answers to our own
-look-ups bypass the queue so a flood of batches cannot starve a parcel's deadline.
+bounded queue, and pushed verdict items by a second one (``max_verdict_items_per_s``); beyond
+either, they are dropped and counted (``inbound_flood``). Answers to our own look-ups bypass both,
+so a flood of batches cannot starve a parcel's deadline.
+
+Commands that loosen control (``set_mode normal`` from ``inspect_all`` or ``maintenance``) must be
+signed by a central key, carry ``issued_at`` no older than ``command_max_age_s`` and a
+``request_id`` never obeyed before; tightening needs no signature. The mode is kept on disk
+(``ModeStore``), so a restart never loosens it.
 
 Look-ups use MQTT 5 request/response: a request on ``{root}/verdicts/request`` with response topic
 ``{root}/verdicts/answer`` and a fresh correlation id; the answer must come back before the
@@ -20,6 +29,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,8 +40,9 @@ from agent.alarms import Alarms
 from agent.config import Config
 from agent.decision import Mode, VerdictLookup
 from agent.messages import Command, VerdictAnswer, VerdictItem
+from agent.mode_store import ModeStore
 from agent.mqtt import MessageMeta, MqttLink
-from agent.security import KeyRing, check_validity
+from agent.security import Check, KeyRing, check_validity
 from agent.verdicts import VerdictStore
 from agent.waybill import normalize
 from firmware_bridge import contract as c
@@ -41,20 +52,39 @@ from firmware_bridge.modbus_link import ControllerLink
 log = structlog.get_logger("sortgate.inbound")
 
 
+#: signature checks handed to the worker thread at once (an answer waits behind one chunk at most)
+VERIFY_CHUNK = 128
+#: the longest response topic accepted
+MAX_TOPIC = 200
+
+
 class TokenBucket:
     def __init__(self, rate: float) -> None:
         self.rate = rate
         self.tokens = rate
         self.t = time.monotonic()
 
-    def take(self) -> bool:
+    def take(self, n: int = 1) -> int:
+        """Take up to ``n`` tokens; returns how many were available."""
         now = time.monotonic()
         self.tokens = min(self.rate, self.tokens + (now - self.t) * self.rate)
         self.t = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
+        got = min(n, int(self.tokens))
+        self.tokens -= got
+        return got
+
+
+def reply_topic_problem(topic: str, root: str) -> str | None:
+    """Why a command's response topic may not be used, or None. Replies go under
+    ``{root}/cmd/reply`` only (the example ACL's grant), never anywhere with wildcards."""
+    prefix = messages.topic(root, "cmd/reply")
+    if len(topic) > MAX_TOPIC:
+        return f"response topic longer than {MAX_TOPIC} characters"
+    if any(ch in topic for ch in "+#\0"):
+        return "response topic holds a wildcard or NUL"
+    if topic != prefix and not topic.startswith(prefix + "/"):
+        return f"response topic must be {prefix} or under it"
+    return None
 
 
 class Inbound:
@@ -69,6 +99,7 @@ class Inbound:
         counters: Any,
         set_mode: Callable[[Mode], None],
         status: Callable[[], dict[str, Any]],
+        modes: ModeStore,
     ) -> None:
         self.cfg = cfg
         self.root = cfg.topic_root
@@ -80,18 +111,28 @@ class Inbound:
         self.counters = counters
         self._set_mode = set_mode
         self._status = status
+        self.modes = modes
+        self.check_signatures = keyring is not None and cfg.verdicts.require_signatures
         self.queue: asyncio.Queue[tuple[str, bytes, MessageMeta]] = asyncio.Queue(maxsize=1000)
         self.bucket = TokenBucket(cfg.mqtt.max_inbound_per_s)
+        self.items = TokenBucket(cfg.mqtt.max_verdict_items_per_s)
         self._pending: dict[bytes, asyncio.Future[bytes]] = {}
+        self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verdict-verify")
+        self.alive = time.monotonic()  # the handler loop's last turn (for the liveness check)
 
     # --- admission (loop thread, straight from paho's callback) --------------------------
     def offer(self, topic: str, payload: bytes, meta: MessageMeta) -> None:
+        if meta.retain:
+            self.counters["inbound_retained"] += 1
+            self._invalid(topic, "retained message on an input topic: ignored")
+            return
         if topic == messages.topic(self.root, "verdicts/answer"):
             fut = self._pending.get(meta.correlation or b"")
             if fut is not None and not fut.done():
                 fut.set_result(payload)
-            else:
+            else:  # late, unsolicited or a second answer: nobody waits for it
                 self.counters["answers_unexpected"] += 1
+                log.info("look-up answer nobody waits for; ignored", topic=topic)
             return
         if not self.bucket.take() or self.queue.full():
             self.counters["inbound_dropped"] += 1
@@ -101,15 +142,30 @@ class Inbound:
         self.queue.put_nowait((topic, payload, meta))
 
     async def run(self) -> None:
-        while True:
-            topic, payload, meta = await self.queue.get()
-            leaf = topic.removeprefix(self.root + "/")
-            if leaf == "verdicts":
-                await self._batch(payload)
-            elif leaf == "cmd":
-                await self._command(payload, meta)
-            else:
-                self._invalid(topic, "no handler for this topic")
+        try:
+            while True:
+                self.alive = time.monotonic()
+                try:
+                    async with asyncio.timeout(0.5):
+                        topic, payload, meta = await self.queue.get()
+                except TimeoutError:
+                    continue
+                try:
+                    await self._handle(topic, payload, meta)
+                except Exception as exc:  # noqa: BLE001 - one message must never stop the others
+                    self.counters["inbound_errors"] += 1
+                    log.error("inbound message failed; ignored", topic=topic[:200], error=repr(exc), exc_info=True)
+        finally:
+            self._verifier.shutdown(wait=False, cancel_futures=True)
+
+    async def _handle(self, topic: str, payload: bytes, meta: MessageMeta) -> None:
+        leaf = topic.removeprefix(self.root + "/")
+        if leaf == "verdicts":
+            await self._batch(payload)
+        elif leaf == "cmd":
+            await self._command(payload, meta)
+        else:
+            self._invalid(topic, "no handler for this topic")
 
     def _invalid(self, topic: str, problem: str) -> None:
         self.counters["inbound_invalid"] += 1
@@ -119,44 +175,83 @@ class Inbound:
     # --- verdicts ----------------------------------------------------------------------
     async def _batch(self, payload: bytes) -> None:
         batch_id, items, problems = messages.parse_verdict_batch(payload)
-        for p in problems:
+        for p in problems[:5]:
             self._invalid(messages.topic(self.root, "verdicts"), f"batch {batch_id}: {p}")
+        admitted = self.items.take(len(items))
+        if admitted < len(items):
+            dropped = len(items) - admitted
+            self.counters["verdicts_dropped_flood"] += dropped
+            limit = self.cfg.mqtt.max_verdict_items_per_s
+            log.warning("verdict items over the budget dropped", batch_id=batch_id, dropped=dropped)
+            self.alarms.event("inbound_flood", f"{dropped} verdict items over {limit}/s dropped", reason="items")
+            items = items[:admitted]
         if items:
             accepted = await self.accept(items)
             log.debug("verdict batch", batch_id=batch_id, items=len(items), accepted=len(accepted))
 
     async def accept(self, items: list[tuple[VerdictItem, dict[str, Any]]]) -> list[VerdictItem]:
-        """Run every check; store the items that pass. Returns the items now in the store (the
-        new ones and identical redeliveries of stored ones)."""
+        """Run every check, cheap ones first and signatures off the loop; store the items that
+        pass. Returns the items now in the store (new ones and identical redeliveries)."""
         now = datetime.now(UTC)
-        good: list[VerdictItem] = []
+        passed: list[tuple[VerdictItem, dict[str, Any]]] = []
         duplicates: list[VerdictItem] = []
         for item, raw in items:
-            reason = self._reject_reason(item, raw, now)
+            reason = self._cheap_reason(item, raw, now)
             if reason == "duplicate":
                 self.counters["verdicts_duplicate"] += 1
                 duplicates.append(item)
             elif reason is not None:
-                self.counters[f"verdicts_rejected_{reason}"] += 1
-                log.warning("verdict rejected", reason=reason, waybill=item.waybill, verdict_id=item.verdict_id)
-                self.alarms.event(
-                    "verdict_rejected", f"{reason}: verdict {item.verdict_id} for {item.waybill}", reason=reason
-                )
+                self._rejected(item, reason)
             else:
-                good.append(item)
+                passed.append((item, raw))
+        good: list[VerdictItem] = []
+        if self.check_signatures and passed:
+            loop = asyncio.get_running_loop()
+            for i in range(0, len(passed), VERIFY_CHUNK):
+                chunk = passed[i : i + VERIFY_CHUNK]
+                checks = await loop.run_in_executor(self._verifier, self._verify, [raw for _, raw in chunk])
+                for (item, _), check in zip(chunk, checks, strict=True):
+                    if check.ok:
+                        good.append(item)
+                    else:
+                        self._rejected(item, check.reason or "bad_signature")
+        else:
+            good = [item for item, _ in passed]
         if good:
             self.counters["verdicts_stored"] += await self.verdicts.store(good)
         return good + duplicates
 
-    def _reject_reason(self, item: VerdictItem, raw: dict[str, Any], now: datetime) -> str | None:
-        if self.keyring is not None:
-            check = self.keyring.verify(raw)
-            if not check.ok:
-                return check.reason
-        validity = check_validity(item.issued_at, item.expires_at, now, self.cfg.verdicts.max_clock_skew_s)
+    def _verify(self, raws: list[dict[str, Any]]) -> list[Check]:
+        """Worker thread: signature checks only (pure CPU, no agent state)."""
+        assert self.keyring is not None
+        return [self.keyring.verify(raw) for raw in raws]
+
+    def _cheap_reason(self, item: VerdictItem, raw: dict[str, Any], now: datetime) -> str | None:
+        """Every check but the signature's, cheapest first."""
+        v = self.cfg.verdicts
+        if self.check_signatures:
+            assert self.keyring is not None
+            if not isinstance(raw.get("signature"), str) or not isinstance(raw.get("key_id"), str):
+                return "unsigned"
+            if raw["key_id"] not in self.keyring.keys:
+                return "unknown_key"
+        if item.site not in (None, self.cfg.line.site) or item.line not in (None, self.cfg.line.line):
+            return "out_of_scope"
+        if v.require_scope and (item.site is None or item.line is None):
+            return "out_of_scope"
+        if v.max_lifetime_s is not None:
+            expires = item.expires_at.timestamp() if item.expires_at else item.issued_at.timestamp() + v.default_ttl_s
+            if expires - item.issued_at.timestamp() > v.max_lifetime_s:
+                return "lifetime"
+        validity = check_validity(item.issued_at, item.expires_at, now, v.max_clock_skew_s)
         if not validity.ok:
             return validity.reason
         return self.verdicts.replay_check(item)
+
+    def _rejected(self, item: VerdictItem, reason: str) -> None:
+        self.counters[f"verdicts_rejected_{reason}"] += 1
+        log.warning("verdict rejected", reason=reason, waybill=item.waybill, verdict_id=item.verdict_id)
+        self.alarms.event("verdict_rejected", f"{reason}: verdict {item.verdict_id} for {item.waybill}", reason=reason)
 
     async def ask(self, waybill: str, timeout_s: float) -> VerdictLookup:
         """Ask central for a verdict, waiting at most ``timeout_s``."""
@@ -179,7 +274,8 @@ class Inbound:
             response_topic=messages.topic(self.root, "verdicts/answer"), correlation=corr,
         )
         try:
-            payload = await asyncio.wait_for(fut, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                payload = await fut
         except TimeoutError:
             self.counters["lookups_timeout"] += 1
             return VerdictLookup("timeout")
@@ -203,29 +299,71 @@ class Inbound:
     async def _command(self, payload: bytes, meta: MessageMeta) -> None:
         cmd, problem = messages.parse_model(Command, payload)
         request_id = cmd.request_id if cmd else None
+        topic_problem = reply_topic_problem(meta.response_topic, self.root) if meta.response_topic else None
+        if topic_problem is not None:  # refused whole: the reply goes to the line's own reply topic
+            self._invalid(messages.topic(self.root, "cmd"), topic_problem)
+            self._reply(MessageMeta(correlation=meta.correlation), request_id, False, f"refused: {topic_problem}")
+            return
         if cmd is None:
             self._invalid(messages.topic(self.root, "cmd"), problem or "unreadable")
             self._reply(meta, None, False, f"invalid command: {problem}")
             return
         if cmd.command == "set_mode":
-            if cmd.mode is None:
-                self._reply(meta, request_id, False, "set_mode needs a mode")
-                return
-            try:
-                want = c.ModeRequest.MAINTENANCE if cmd.mode == "maintenance" else c.ModeRequest.NORMAL
-                if self.link.connected:
-                    await self.link.request_mode(want)
-            except LinkError as exc:
-                self._reply(meta, request_id, False, f"controller did not take the mode: {exc}")
-                return
-            self._set_mode(Mode(cmd.mode))
-            log.warning("mode changed by command", mode=cmd.mode, request_id=request_id)
-            self._reply(meta, request_id, True, None, {"mode": cmd.mode})
+            await self._set_mode_command(cmd, payload, meta)
         elif cmd.command == "status":
             self._reply(meta, request_id, True, None, self._status())
         else:
             self._invalid(messages.topic(self.root, "cmd"), f"unknown command {cmd.command!r}")
             self._reply(meta, request_id, False, f"unknown command {cmd.command!r}; known: set_mode, status")
+
+    async def _set_mode_command(self, cmd: Command, payload: bytes, meta: MessageMeta) -> None:
+        request_id = cmd.request_id
+        if cmd.mode is None:
+            self._reply(meta, request_id, False, "set_mode needs a mode")
+            return
+        target = Mode(cmd.mode)
+        loosening = target is Mode.NORMAL and self.modes.mode is not Mode.NORMAL
+        if loosening:
+            refusal = await self._loosening_refusal(cmd, payload)
+            if refusal is not None:
+                self.counters["commands_refused_unsigned"] += 1
+                log.warning("loosening command refused", reason=refusal, request_id=request_id)
+                self.alarms.event("command_refused", f"set_mode {cmd.mode}: {refusal}", reason=refusal)
+                self._reply(meta, request_id, False, f"refused: {refusal}")
+                return
+        try:
+            want = c.ModeRequest.MAINTENANCE if target is Mode.MAINTENANCE else c.ModeRequest.NORMAL
+            if self.link.connected:
+                await self.link.request_mode(want)
+        except LinkError as exc:
+            self._reply(meta, request_id, False, f"controller did not take the mode: {exc}")
+            return
+        try:
+            self.modes.set(target, request_id if loosening else None)
+        except OSError as exc:
+            self._reply(meta, request_id, False, f"mode not kept on disk, not taken: {exc}")
+            return
+        self._set_mode(target)
+        log.warning("mode changed by command", mode=cmd.mode, request_id=request_id, signed=loosening)
+        self._reply(meta, request_id, True, None, {"mode": cmd.mode})
+
+    async def _loosening_refusal(self, cmd: Command, payload: bytes) -> str | None:
+        """Why a loosening command may not be obeyed, or None: it must be signed by a trusted
+        key, recent, and never obeyed before."""
+        if self.keyring is None:
+            return "loosening needs a command signed by central; this agent has no trusted keys"
+        if cmd.signature is None or cmd.key_id is None or cmd.issued_at is None or cmd.request_id is None:
+            return "unsigned: loosening needs key_id, signature, issued_at and request_id"
+        if cmd.key_id not in self.keyring.keys:
+            return "unknown_key"
+        age = (datetime.now(UTC) - cmd.issued_at).total_seconds()
+        if age > self.cfg.mqtt.command_max_age_s or age < -self.cfg.verdicts.max_clock_skew_s:
+            return f"issued_at out of range (age {age:.0f} s)"
+        if self.modes.was_obeyed(cmd.request_id):
+            return "replayed: this request_id was obeyed before"
+        raw = messages.loads(payload)
+        check = await asyncio.get_running_loop().run_in_executor(self._verifier, self._verify, [raw])
+        return None if check[0].ok else (check[0].reason or "bad_signature")
 
     def _reply(
         self, meta: MessageMeta, request_id: str | None, ok: bool, error: str | None,
@@ -239,7 +377,7 @@ class Inbound:
             "result": result,
             "at": messages.iso(),
         }
-        # Replies stay under this line's root: a command cannot make the agent publish elsewhere.
-        topic = meta.response_topic if (meta.response_topic or "").startswith(self.root + "/") else None
-        topic = topic or messages.topic(self.root, "cmd/reply")
-        self.mqtt.publish(topic, messages.dumps(body), qos=1, correlation=meta.correlation)
+        # only a checked response topic (reply_topic_problem), else the line's own reply topic
+        topic = meta.response_topic or messages.topic(self.root, "cmd/reply")
+        if self.mqtt.publish(topic, messages.dumps(body), qos=1, correlation=meta.correlation) is None:
+            self.counters["replies_failed"] += 1

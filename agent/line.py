@@ -169,6 +169,7 @@ class Line:
         # Ask central for a verdict the store lacks: (waybill, seconds) -> lookup. Set by the agent.
         self.ask: Callable[[str, float], Awaitable[VerdictLookup]] | None = None
         self.counters: Counter[str] = Counter()
+        self.recorder_alive = time.monotonic()  # the recorder loop's last turn (liveness)
         self.latencies_ms: list[float] = []
 
     # --- health -------------------------------------------------------------------------
@@ -373,7 +374,8 @@ class Line:
             # leave room for the look-up, the image check and the command before the safety margin
             decide_by = p.deadline - self.margin_s - LOOKUP_RESERVE_S
             try:
-                await asyncio.wait_for(p.all_read.wait(), timeout=max(0.0, decide_by - time.monotonic()))
+                async with asyncio.timeout(max(0.0, decide_by - time.monotonic())):
+                    await p.all_read.wait()
             except TimeoutError:
                 self._apply(self.matcher.give_up(p.seq))  # a read not final by now is not trusted
                 if not p.image_done:
@@ -504,8 +506,14 @@ class Line:
         """Commit records to the outbox in order. While it cannot store, nothing is released."""
         root = self.cfg.topic_root
         while True:
-            job = await self._records.get()
+            self.recorder_alive = time.monotonic()
+            try:
+                async with asyncio.timeout(0.5):
+                    job = await self._records.get()
+            except TimeoutError:
+                continue
             while True:
+                self.recorder_alive = time.monotonic()
                 try:
                     await self.publisher.put(
                         job.record_id, messages.topic(root, job.leaf), job.payload,

@@ -7,10 +7,12 @@ Topics live under one root per line, ``{prefix}/{site}/{line}``:
   stats      out  QoS 0   periodic counters
   status     out  QoS 1   retained; birth on connect, last will "offline"
   verdicts   in   QoS 1   verdict batches pushed by the central system
-  cmd/#      in   QoS 1   commands (later: mode, status request)
+  cmd        in   QoS 1   commands: set_mode, status (replies under cmd/reply)
 
 Every message carries ``schema`` (name/version). Inbound messages are parsed strictly here and
-never raise: ``parse_verdict_batch`` returns the good items and a list of problems.
+never raise: JSON types exactly as the schemas say (no string or number read as a boolean, no
+number read as a time), no keys the schema does not name. ``parse_verdict_batch`` returns the
+good items and a list of problems.
 """
 
 from __future__ import annotations
@@ -63,19 +65,25 @@ def alarm(kind: str, active: bool, detail: str, **extra: Any) -> dict[str, Any]:
 # --- inbound: verdict batches -------------------------------------------------------------
 
 
-class VerdictItem(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Inbound(BaseModel):
+    """Inbound messages: strict JSON types, no unknown keys (validated in JSON mode)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class VerdictItem(_Inbound):
     waybill: str = Field(min_length=4, max_length=40, pattern=r"^[A-Za-z0-9 ]+$")
     verdict: Literal["release", "inspect", "hold"]
     verdict_id: str = Field(min_length=1, max_length=64)
     issued_at: datetime
     expires_at: datetime | None = None
+    site: str | None = Field(None, min_length=1, max_length=64, description="scope: only this site")
+    line: str | None = Field(None, min_length=1, max_length=64, description="scope: only this line")
     key_id: str | None = Field(None, min_length=1, max_length=64)
     signature: str | None = Field(None, min_length=1, max_length=200)
 
 
-class VerdictBatch(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class VerdictBatch(_Inbound):
     schema_: Literal["sortgate.verdicts/1"] = Field(alias="schema")
     batch_id: str = Field(min_length=1, max_length=64)
     verdicts: list[dict[str, Any]] = Field(max_length=10_000)
@@ -95,10 +103,12 @@ def parse_json(payload: bytes) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def parse_verdict_item(raw: Any) -> tuple[VerdictItem | None, str | None]:
+    if not isinstance(raw, dict):
+        return None, "(item): not a JSON object"
     try:
-        item = VerdictItem.model_validate(raw)
-    except ValidationError as exc:
-        return None, _first_error(exc)
+        item = VerdictItem.model_validate_json(json.dumps(raw))
+    except (ValidationError, ValueError) as exc:
+        return None, _first_error(exc) if isinstance(exc, ValidationError) else str(exc)
     if item.issued_at.tzinfo is None or (item.expires_at and item.expires_at.tzinfo is None):
         return None, "timestamps need a timezone"
     return item, None
@@ -111,11 +121,10 @@ def parse_verdict_batch(
 
     The raw item is kept because a signature covers exactly what central sent.
     """
-    data, problem = parse_json(payload)
-    if data is None:
-        return None, [], [problem or "unreadable"]
+    if len(payload) > MAX_INBOUND_BYTES:
+        return None, [], [f"payload of {len(payload)} bytes exceeds {MAX_INBOUND_BYTES}"]
     try:
-        batch = VerdictBatch.model_validate(data)
+        batch = VerdictBatch.model_validate_json(payload)
     except ValidationError as exc:
         return None, [], [_first_error(exc)]
     items, problems = [], []
@@ -128,16 +137,18 @@ def parse_verdict_batch(
     return batch.batch_id, items, problems
 
 
-class Command(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Command(_Inbound):
     schema_: Literal["sortgate.command/1"] = Field(alias="schema")
     command: str = Field(min_length=1, max_length=32)
-    request_id: str | None = Field(None, max_length=64)
+    request_id: str | None = Field(None, min_length=1, max_length=64)
     mode: Literal["normal", "inspect_all", "maintenance"] | None = None
+    # a command that loosens control is signed by central like a verdict (docs/mqtt.md)
+    issued_at: datetime | None = None
+    key_id: str | None = Field(None, min_length=1, max_length=64)
+    signature: str | None = Field(None, min_length=1, max_length=200)
 
 
-class VerdictAnswer(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class VerdictAnswer(_Inbound):
     schema_: Literal["sortgate.verdict_answer/1"] = Field(alias="schema")
     waybill: str = Field(min_length=4, max_length=40)
     found: bool
@@ -145,11 +156,11 @@ class VerdictAnswer(BaseModel):
 
 
 def parse_model(model: type[BaseModel], payload: bytes) -> tuple[Any, str | None]:
-    data, problem = parse_json(payload)
-    if data is None:
-        return None, problem
+    """Validate an inbound payload strictly against ``model``: (message, None) or (None, problem)."""
+    if len(payload) > MAX_INBOUND_BYTES:
+        return None, f"payload of {len(payload)} bytes exceeds {MAX_INBOUND_BYTES}"
     try:
-        return model.model_validate(data), None
+        return model.model_validate_json(payload), None
     except ValidationError as exc:
         return None, _first_error(exc)
 

@@ -9,6 +9,7 @@ a birth message on every connect and a last will that marks the agent offline.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class MessageMeta:
 
     response_topic: str | None = None
     correlation: bytes | None = None
+    retain: bool = False  # a retained message (the broker replays it at every subscription)
 
 
 class MqttLink:
@@ -64,7 +66,8 @@ class MqttLink:
         self.connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_connected: Callable[[], None] | None = None
-        self._stopping = False
+        self.on_publish_error: Callable[[str, str], None] = lambda topic, error: None
+        self.stopping = False
         c = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
             reconnect_on_failure=True,
@@ -99,7 +102,7 @@ class MqttLink:
         self.client.loop_start()
 
     def stop(self, reason: str = "shutdown") -> None:
-        self._stopping = True
+        self.stopping = True
         if self.connected.is_set():
             info = self.client.publish(
                 messages.topic(self.root, "status"),
@@ -112,6 +115,12 @@ class MqttLink:
         self.client.disconnect()
         self.client.loop_stop()
 
+    @property
+    def thread_alive(self) -> bool:
+        """paho's network thread runs (it dies if a callback raises)."""
+        thread = getattr(self.client, "_thread", None)  # paho 2.x keeps it here; no public accessor
+        return thread is not None and thread.is_alive()
+
     # --- publishing (thread-safe in paho) -----------------------------------------------
     def publish(
         self,
@@ -121,15 +130,21 @@ class MqttLink:
         retain: bool = False,
         response_topic: str | None = None,
         correlation: bytes | None = None,
-    ) -> int:
-        props = None
-        if response_topic is not None or correlation is not None:
-            props = Properties(PacketTypes.PUBLISH)
-            if response_topic is not None:
-                props.ResponseTopic = response_topic
-            if correlation is not None:
-                props.CorrelationData = correlation
-        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+    ) -> int | None:
+        """Queue a message; its mid, or None when paho refused it (logged, never raised)."""
+        try:
+            props = None
+            if response_topic is not None or correlation is not None:
+                props = Properties(PacketTypes.PUBLISH)
+                if response_topic is not None:
+                    props.ResponseTopic = response_topic
+                if correlation is not None:
+                    props.CorrelationData = correlation
+            info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        except Exception as exc:  # noqa: BLE001 - a bad topic or property must never kill a caller
+            log.error("mqtt publish refused", topic=topic[:200], error=repr(exc))
+            self.on_publish_error(topic, repr(exc))
+            return None
         return info.mid
 
     # --- paho callbacks (paho thread) ---------------------------------------------------
@@ -139,7 +154,7 @@ class MqttLink:
 
     def _cb_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
-            self._call(log.error, "mqtt connect refused", reason=str(rc))
+            self._call(functools.partial(log.error, "mqtt connect refused", reason=str(rc)))
             return
         for leaf in ("verdicts", "verdicts/answer", "cmd"):
             client.subscribe(messages.topic(self.root, leaf), qos=1)
@@ -158,7 +173,7 @@ class MqttLink:
             if self.on_connected:
                 self.on_connected()
         elif not up and self.connected.is_set():
-            level = log.info if self._stopping else log.error
+            level = log.info if self.stopping else log.error
             level("mqtt disconnected", broker=f"{self.host}:{self.port}", reason=reason)
             self.connected.clear()
 
@@ -167,6 +182,7 @@ class MqttLink:
         meta = MessageMeta(
             response_topic=getattr(props, "ResponseTopic", None),
             correlation=getattr(props, "CorrelationData", None),
+            retain=bool(msg.retain),
         )
         self._call(self._on_message, msg.topic, bytes(msg.payload), meta)
 

@@ -25,7 +25,7 @@ from agent.sqlite_store import SqliteStore
 
 log = structlog.get_logger("sortgate.outbox")
 
-PublishFn = Callable[[str, bytes], int]
+PublishFn = Callable[[str, bytes], int | None]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -212,6 +212,9 @@ class OutboxPublisher:
                 continue
             for row_id, topic, payload in self.outbox.fetch_after(self._handed_up_to, room):
                 mid = self._publish(topic, payload)
+                if mid is None:  # refused (logged by the link): kept, tried again shortly
+                    asyncio.get_running_loop().call_later(1.0, self._wake.set)
+                    break
                 self._inflight[mid] = (row_id, len(payload))
                 self._handed_up_to = row_id
                 self.published += 1

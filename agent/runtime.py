@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import signal
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +39,7 @@ from agent.decision import Mode
 from agent.health import SystemdNotifier
 from agent.inbound import Inbound
 from agent.line import Line
+from agent.mode_store import ModeStore
 from agent.mqtt import MessageMeta, MqttLink, TlsSettings
 from agent.outbox import Outbox, OutboxPublisher
 from agent.security import KeyRing, read_secret, resolve_secret
@@ -50,6 +53,13 @@ if TYPE_CHECKING:
     from agent.vision import CaptureSource, FolderSource, VisionCheck
 
 log = structlog.get_logger("sortgate.agent")
+
+#: a vital task that shows no progress this long stops the heartbeats
+VITAL_STALL_S = 2.0
+#: ... and this long ends the process (exit 1), for systemd to restart it
+VITAL_EXIT_S = 10.0
+#: SIGTERM ends the process within this, cleanly or not
+STOP_HARD_S = 5.0
 
 
 def config_hash(cfg: Config) -> str:
@@ -72,9 +82,8 @@ class StartupError(Exception):
 
 def _security(cfg: Config) -> tuple[KeyRing | None, TlsSettings | None, str | None]:
     """Load keys and secrets named by the config; every problem is a StartupError naming the file."""
-    keyring = None
-    if cfg.verdicts.require_signatures:
-        assert cfg.verdicts.trusted_keys_file is not None
+    keyring = None  # verdicts (with require_signatures) and loosening commands are checked against it
+    if cfg.verdicts.trusted_keys_file is not None:
         try:
             keyring = KeyRing.load(cfg.verdicts.trusted_keys_file)
         except (OSError, ValueError) as exc:
@@ -152,13 +161,20 @@ class Agent:
             kind, active, detail, subject=subject
         )
         self.line.on_event = self.alarms.event
+        try:
+            self.modes = ModeStore(state)
+        except OSError as exc:
+            raise StartupError(f"storage.state_dir: {state}: {exc}") from exc
+        self.line.mode = self.modes.mode  # a restart never loosens the mode
         self.inbound = Inbound(
             cfg, self.verdicts, keyring, self.alarms, self.mqtt, self.link, self.line.counters,
-            set_mode=self._set_mode, status=self._status_info,
+            set_mode=self._set_mode, status=self._status_info, modes=self.modes,
         )
         if cfg.verdicts.lookup:
             self.line.ask = self.inbound.ask
-        self.supervisor = ControllerSupervisor(cfg, self.link, self.line)
+        self.supervisor = ControllerSupervisor(cfg, self.link, self.line, healthy=lambda: not self._stalled)
+        self._stalled: list[str] = []  # vital tasks that are dead or stuck (see _vital_problems)
+        self._stalled_since: float | None = None
         self.notifier = SystemdNotifier()
         self._stats_mark: tuple[float, dict[str, int], int] = (time.monotonic(), {}, 0)
         self.readers = [
@@ -210,7 +226,7 @@ class Agent:
             # the outbox cannot store: say so anyway, best effort
             self.mqtt.publish(messages.topic(self.cfg.topic_root, "alarms"), payload, qos=1)
 
-    def _publish(self, topic: str, payload: bytes) -> int:
+    def _publish(self, topic: str, payload: bytes) -> int | None:
         return self.mqtt.publish(topic, payload, qos=1)
 
     def _on_ack(self, mid: int) -> None:
@@ -236,7 +252,8 @@ class Agent:
             now = time.monotonic()
             self.line.tick(now)
             self.line.sweep_results(now)
-            if ping_every and now >= next_ping:
+            self._check_vital(now)
+            if ping_every and now >= next_ping and not self._stalled:
                 self.notifier.watchdog()
                 next_ping = now + ping_every
             if now >= next_stats:
@@ -249,6 +266,34 @@ class Agent:
                         f"outbox at {fill:.0%} of its budget ({self.outbox.count()} records)",
                     )
             await asyncio.sleep(0.05)
+
+    def _vital_problems(self, now: float) -> list[str]:
+        """Vital tasks that show no progress: each loop marks every turn (at least twice a second)."""
+        stuck = []
+        if now - self.inbound.alive > VITAL_STALL_S:
+            stuck.append("inbound")
+        if now - self.line.recorder_alive > VITAL_STALL_S:
+            stuck.append("recorder")
+        if now - self.supervisor.alive > VITAL_STALL_S + self.cfg.controller.reconnect_max_s:
+            stuck.append("controller")
+        if not self.mqtt.thread_alive and not self.mqtt.stopping:
+            stuck.append("mqtt")
+        return stuck
+
+    def _check_vital(self, now: float) -> None:
+        """While a vital task is dead or stuck, neither the controller's watchdog nor systemd's is
+        fed (the controller sends every parcel to inspection); after VITAL_EXIT_S the agent exits
+        non-zero so that systemd restarts it."""
+        stalled = self._vital_problems(now)
+        if stalled and not self._stalled:
+            log.error("vital task stalled; heartbeats stop", tasks=stalled)
+            self._stalled_since = now
+        elif not stalled and self._stalled:
+            log.info("vital tasks running again", tasks=self._stalled)
+            self._stalled_since = None
+        self._stalled = stalled
+        if self._stalled_since is not None and now - self._stalled_since > VITAL_EXIT_S:
+            raise VitalTaskStalled(f"vital task(s) {', '.join(stalled)} stalled for {VITAL_EXIT_S:.0f} s")
 
     def _publish_stats(self) -> None:
         """Line statistics for the last interval (and totals in ``counters``)."""
@@ -293,7 +338,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, self._on_signal, stop)
         log.info("sortgate starting", site=self.cfg.line.site, line=self.cfg.line.line, config_hash=self.hash)
         self.mqtt.start()
         try:
@@ -337,8 +382,27 @@ class Agent:
             self.notifier.status(f"controller {link} offline; reconnecting")
 
 
+    def _on_signal(self, stop: asyncio.Event) -> None:
+        """SIGTERM/SIGINT: stop cleanly, and in any case within STOP_HARD_S (a stuck shutdown must
+        not keep a deaf agent alive)."""
+        if not stop.is_set():
+            stop.set()
+            timer = threading.Timer(STOP_HARD_S, _hard_exit)
+            timer.daemon = True
+            timer.start()
+
+
+def _hard_exit() -> None:
+    log.error("clean stop took too long; exiting now", limit_s=STOP_HARD_S)
+    os._exit(1)
+
+
 class _Stop(Exception):
     pass
+
+
+class VitalTaskStalled(Exception):
+    """A vital task died or stopped making progress."""
 
 
 async def _main(cfg: Config) -> None:
@@ -358,4 +422,8 @@ def run_agent(cfg: Config) -> int:
         for exc in eg.exceptions:
             log.error("controller contract mismatch; refusing to run", error=str(exc))
         code = 3
+    except* Exception as eg:  # a vital task died: exit non-zero so that systemd restarts the agent
+        for exc in eg.exceptions:
+            log.error("vital task failed; agent exits", error=repr(exc), exc_info=exc)
+        code = 1
     return code

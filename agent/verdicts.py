@@ -2,6 +2,8 @@
 
 A newer verdict (later ``issued_at``) supersedes an older one — a parcel held for unpaid duty is
 often released later the same day — and an older one arriving late never overwrites a newer one.
+Two verdicts with the same ``issued_at``: the stricter stands (inspect > hold > release), whichever
+came first.
 A verdict past its ``expires_at`` is reported as expired, which never releases.
 
 Writes (batches from MQTT) run on one writer thread; look-ups run on the loop thread with their own
@@ -19,6 +21,15 @@ from agent.decision import VerdictLookup
 from agent.messages import VerdictItem
 from agent.sqlite_store import SqliteStore
 from agent.waybill import normalize
+
+#: with equal issued_at, the stricter verdict stands
+STRICTNESS = {"release": 0, "hold": 1, "inspect": 2}
+
+
+def _rank(column: str) -> str:
+    """SQL for a verdict column's strictness (STRICTNESS)."""
+    cases = " ".join(f"WHEN '{v}' THEN {n}" for v, n in STRICTNESS.items())
+    return f"(CASE {column} {cases} ELSE 2 END)"
 
 
 def digest(item: VerdictItem) -> str:
@@ -71,7 +82,11 @@ class VerdictStore:
                      verdict=excluded.verdict, verdict_id=excluded.verdict_id,
                      issued_at=excluded.issued_at, expires_at=excluded.expires_at,
                      received_at=excluded.received_at
-                   WHERE excluded.issued_at > verdicts.issued_at""",
+                   WHERE excluded.issued_at > verdicts.issued_at
+                      OR (excluded.issued_at = verdicts.issued_at
+                          AND {rank_new} > {rank_old})""".format(
+                    rank_new=_rank("excluded.verdict"), rank_old=_rank("verdicts.verdict")
+                ),
                 rows,
             )
             changed = conn.total_changes - before
@@ -88,10 +103,14 @@ class VerdictStore:
         if rows:
             return "duplicate" if rows[0][0] == digest(item) else "replayed"
         stored = self.db.read(
-            "SELECT issued_at FROM verdicts WHERE waybill = ?", (normalize(item.waybill),)
+            "SELECT issued_at, verdict FROM verdicts WHERE waybill = ?", (normalize(item.waybill),)
         )
-        if stored and stored[0][0] >= item.issued_at.timestamp():
-            return "replayed"
+        if stored:
+            issued, verdict = stored[0][0], stored[0][1]
+            if issued > item.issued_at.timestamp():
+                return "replayed"
+            if issued == item.issued_at.timestamp() and STRICTNESS[item.verdict] <= STRICTNESS.get(verdict, 2):
+                return "replayed"  # the same moment: only a stricter verdict can stand beside it
         return None
 
     def lookup(self, waybill: str, now: float | None = None) -> VerdictLookup:

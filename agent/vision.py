@@ -194,7 +194,8 @@ class VisionCheck:
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self._pool, self._run, image)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), max(timeout_s, 0.0))
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                return await asyncio.shield(fut)
         except TimeoutError:
             return ImageResult("failed", detail="late: no result before the parcel's deadline",
                                path=image if isinstance(image, str) else None)

@@ -1,0 +1,62 @@
+"""The line's mode, kept on disk so that a restart never loosens it.
+
+Central can put a line in ``inspect_all`` (nothing is released) or ``maintenance``; only a command
+signed by a central key brings it back to ``normal`` (docs/mqtt.md, Commands). The mode, and the
+ids of the signed commands already obeyed (so none can be replayed), live in
+``{state_dir}/mode.json``, written atomically (temporary file, fsync, rename). A missing file is
+``normal``; an unreadable one is ``inspect_all`` (the safe side), logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.decision import Mode
+
+log = structlog.get_logger("sortgate.mode")
+
+#: how long an obeyed signed command's id is remembered (commands older than this are refused anyway)
+SEEN_KEEP_S = 24 * 3600
+
+
+class ModeStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "mode.json"
+        self.mode = Mode.NORMAL
+        self.seen: dict[str, float] = {}  # signed command id -> when obeyed (wall clock)
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            data: Any = json.loads(self.path.read_text(encoding="utf-8"))
+            self.mode = Mode(data["mode"])
+            self.seen = {str(k): float(v) for k, v in dict(data.get("seen", {})).items()}
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.mode = Mode.INSPECT_ALL
+            log.error("mode file unreadable; starting in inspect_all", path=str(self.path), error=str(exc))
+
+    def set(self, mode: Mode, command_id: str | None = None) -> None:
+        """Record a new mode (and the signed command that made it). Raises OSError if it cannot be
+        written: a mode that would not survive a restart is not taken."""
+        now = time.time()
+        seen = {k: v for k, v in self.seen.items() if now - v < SEEN_KEEP_S}
+        if command_id:
+            seen[command_id] = now
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"mode": mode.value, "changed_at": now, "seen": seen}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self.mode, self.seen = mode, seen
+
+    def was_obeyed(self, command_id: str) -> bool:
+        return command_id in self.seen
