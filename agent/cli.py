@@ -77,7 +77,7 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
         return 2
     spec = RunSpec(parcels=args.parcels, rate=args.rate, seed=args.seed, speed_mps=args.speed,
                    readers=args.readers, transport=args.transport, plan=plan, chaos_steps=steps,
-                   images=args.images, **readers)
+                   images=args.images, require_signatures="verdict-flood" in names, **readers)
     _, metrics = asyncio.run(run_line(spec))
     metrics = {"bench": "line", "rate": args.rate, "transport": args.transport, "images": args.images, **metrics}
     if args.json:
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("line", help="the whole line against hw_sim; figures on the simulator side")
     _line_args(b, parcels=2000, rate=10.0)
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--chaos", default="", help="faults during the run: agent-kill,broker-restart")
+    b.add_argument("--chaos", default="", help="faults during the run: agent-kill,broker-restart,verdict-flood")
     b.add_argument("--images", action="store_true",
                    help="X-ray images with the image check required; 6%% of parcels hide a prohibited item")
     b.set_defaults(func=_cmd_bench_line)

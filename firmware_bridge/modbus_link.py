@@ -32,7 +32,13 @@ from firmware_bridge.errors import ContractMismatch, LinkError
 __all__ = ["ControllerLink", "LinkSettings"]
 
 
-
+def _honour_cancel() -> None:
+    """pymodbus awaits with ``asyncio.wait_for``, which on Python 3.11 can lose a cancellation that
+    arrives with the response; the task's cancel request is still counted. Honour it, or a stopping
+    agent would keep polling forever (a TaskGroup waits for every child)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,9 +144,11 @@ class ControllerLink:
             try:
                 rr = await request(client)
             except (TimeoutError, ModbusException, OSError) as exc:
+                _honour_cancel()
                 raise LinkError(f"{what}: {exc}") from exc
             finally:
                 await self._gap()
+            _honour_cancel()
             if rr.isError():
                 raise LinkError(f"{what}: exception response {rr}")
             self.requests += 1

@@ -10,6 +10,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,6 +42,10 @@ class Central:
         self.stats: list[dict[str, Any]] = []
         self.bad_payloads = 0
         self.replies: list[dict[str, Any]] = []
+        self.reply_topics: list[str] = []  # where each reply arrived
+        self.foreign: list[tuple[str, bytes]] = []  # messages on parcels/status that are not ours
+        # tests: rewrite an answer before it goes out (a central with bugs, or an attacker)
+        self.tamper: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self._lock = threading.Lock()
         self._connected = threading.Event()
         # A persistent session: records published while central is away (a broker restart) are
@@ -72,7 +77,7 @@ class Central:
         client.subscribe(f"{self.root}/alarms", qos=1)
         client.subscribe(f"{self.root}/stats", qos=0)
         client.subscribe(f"{self.root}/verdicts/request", qos=1)
-        client.subscribe(f"{self.root}/cmd/reply", qos=1)
+        client.subscribe(f"{self.root}/cmd/reply/#", qos=1)  # the reply topic and everything under it
         self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -82,6 +87,11 @@ class Central:
             self.bad_payloads += 1
             return
         leaf = msg.topic.rsplit("/", 1)[-1]
+        if msg.topic.startswith(f"{self.root}/cmd/reply"):
+            leaf = "reply"
+        if leaf in ("parcels", "status") and data.get("schema") not in ("sortgate.parcel/1", "sortgate.status/1"):
+            self.foreign.append((msg.topic, bytes(msg.payload)))
+            return
         if leaf == "request":
             self._answer(data, msg)
             return
@@ -101,6 +111,7 @@ class Central:
                 self.stats.append(data)
             elif leaf == "reply":
                 self.replies.append(data)
+                self.reply_topics.append(msg.topic)
 
     def _answer(self, request: dict[str, Any], msg: mqtt.MQTTMessage) -> None:
         """Answer a verdict look-up on its response topic, echoing the correlation data."""
@@ -113,6 +124,8 @@ class Central:
         }
         if verdict is not None:
             answer["verdict"] = self.item(waybill, verdict)
+        if self.tamper is not None:
+            answer = self.tamper(answer)
         props = Properties(PacketTypes.PUBLISH)
         props.CorrelationData = getattr(props_in, "CorrelationData", b"")
         self.client.publish(getattr(props_in, "ResponseTopic", ""), json.dumps(answer), qos=1, properties=props)

@@ -92,6 +92,7 @@ class ControllerModel:
         self._last_hb_change = self.clock()
         self._last_cmd_counter = 0
         self.watchdog_trips = 0
+        self.max_hb_gap_s = 0.0  # the longest time between two agent heartbeats (watchdog not tripped)
         self.defaulted = 0
         self.gate_fires: list[tuple[float, int]] = []  # maintenance fires (t, gate)
         self.faults: set[str] = set()  # e.g. {"gate_stuck"}
@@ -115,6 +116,8 @@ class ControllerModel:
         if hb != self._last_hb_value:
             # any change is a heartbeat; it clears a trip (parcels triggered while tripped
             # keep going to the default lane: see Tracked.during_watchdog)
+            if not self.status & c.StatusBit.WATCHDOG_TRIPPED:  # gaps while an agent runs
+                self.max_hb_gap_s = max(self.max_hb_gap_s, now - self._last_hb_change)
             self._last_hb_value = hb
             self._last_hb_change = now
             self.status &= ~c.StatusBit.WATCHDOG_TRIPPED

@@ -21,6 +21,7 @@ Figures (``LineRun.metrics``):
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import functools
 import os
@@ -34,9 +35,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.security import generate_keypair, sign_item
 from firmware_bridge import contract as c
 from hw_sim import waybills
 from hw_sim.broker import Mosquitto
@@ -68,6 +73,7 @@ class RunSpec:
     extra_config: str = ""  # appended TOML (tests of config handling)
     controller_overrides: dict[str, Any] = field(default_factory=dict)  # ControllerParams fields
     signing: tuple[str, str] | None = None  # central signs verdicts: (private key b64, key id)
+    require_signatures: bool = False  # the agent trusts only central's key (made for the run if unset)
     # timed faults, (seconds after the first parcel, action): "agent-kill" (SIGKILL), "agent-start",
     # "broker-stop", "broker-start", or a callable run(LineRun) in a worker thread
     chaos_steps: list[tuple[float, Any]] = field(default_factory=list)
@@ -305,10 +311,11 @@ class LineRun:
             self.broker = Mosquitto().start()
         server, controller_toml, modem = await self._start_controller()
         cycle = asyncio.create_task(run_cycle(self.model), name="plc-cycle")
-        self.config_path.write_text(
-            agent_config(self.spec, controller=controller_toml, readers=self.readers,
-                         mqtt_port=self.broker.port, state_dir=self.dir / "state", scan_dir=self.scan_dir)
-        )
+        config = agent_config(self.spec, controller=controller_toml, readers=self.readers,
+                              mqtt_port=self.broker.port, state_dir=self.dir / "state", scan_dir=self.scan_dir)
+        if self.spec.require_signatures:
+            config += self._trust_central()
+        self.config_path.write_text(config)
         known = {p.waybill: p.verdict for p in self.plan.parcels if p.waybill and p.verdict != "none"}
         self.central = Central(
             "127.0.0.1", self.broker.port, self.topic_root, known=known, signing=self.spec.signing,
@@ -346,6 +353,20 @@ class LineRun:
                 r.close()
             if self._own_broker and self.broker:
                 self.broker.stop()
+
+    def _trust_central(self) -> str:
+        """Central signs with a key the agent trusts: the config lines that say so."""
+        if self.spec.signing is None:
+            private, public = generate_keypair()
+            self.spec.signing = (private, "central-1")
+        else:
+            public = base64.b64encode(
+                Ed25519PrivateKey.from_private_bytes(base64.b64decode(self.spec.signing[0]))
+                .public_key().public_bytes_raw()
+            ).decode()
+        keys = self.dir / "trusted.keys"
+        keys.write_text(f"{self.spec.signing[1]} {public}\n")
+        return f'\n[verdicts]\nrequire_signatures = true\ntrusted_keys_file = "{keys}"\n'
 
     async def _chaos(self, t0: float) -> None:
         """Run the timed faults. Blocking steps run in a thread so the belt keeps moving."""
@@ -554,6 +575,8 @@ class LineRun:
                 t.reached == "release" and t.planned.expected_lane == "inspection" for t in truths
             ),
             "late": sum(t.disposition == "defaulted_no_command" for t in truths),
+            # the longest time the controller saw no agent heartbeat while its watchdog was not tripped
+            "heartbeat_gap_ms_max": round(self.model.max_hb_gap_s * 1000, 1),
             "decision_ms": {"p50": _pct(lat, 0.50), "p99": _pct(lat, 0.99), "max": round(max(lat), 2) if lat else None},
             "records_published": sum(1 for s in seqs if s in records),
             "expected_release": sum(t.planned.expected_lane == "release" for t in truths),
@@ -659,19 +682,40 @@ async def run_line(
             run.cleanup()
 
 
-CHAOS = {
+def verdict_flood(run: LineRun) -> None:
+    """Six batches of 3,276 forged verdict items each (about 950 KB in all): signed by a key that is
+    not central's but named as central's, some for real waybills of parcels central said inspect."""
+    assert run.central is not None
+    attacker, _ = generate_keypair()
+    key_id = run.spec.signing[1] if run.spec.signing else "central-1"
+    targets = [p.waybill for p in run.plan.parcels if p.verdict == "inspect" and p.waybill]
+    now = datetime.now(UTC)
+    rng = random.Random(run.spec.seed + 7)
+    for b in range(6):
+        items = []
+        for i in range(3276):
+            waybill = targets[(b * 3276 + i) % len(targets)] if targets and i % 4 == 0 else waybills.any_valid(rng)
+            item = {"waybill": waybill, "verdict": "release", "verdict_id": f"forged-{b}-{i}-{rng.random():.6f}",
+                    "issued_at": now.isoformat(), "expires_at": (now + timedelta(days=1)).isoformat()}
+            items.append(sign_item(item, attacker, key_id))
+        run.central.push_items(items)
+
+
+CHAOS: dict[str, list[tuple[float, float, Any]]] = {
     # SIGKILL the agent at 30% of the run; systemd restarts it (RestartSec=1)
     "agent-kill": [(0.30, 0.0, "agent-kill"), (0.30, 1.0, "agent-start")],
     # stop mosquitto at 60% of the run and start it again 2 s later
     "broker-restart": [(0.60, 0.0, "broker-stop"), (0.60, 2.0, "broker-start")],
+    # forged signed verdict batches at 40% of the run (the agent checks signatures)
+    "verdict-flood": [(0.40, 0.0, verdict_flood)],
 }
 
 
-def chaos_steps(names: list[str], duration_s: float) -> list[tuple[float, str]]:
+def chaos_steps(names: list[str], duration_s: float) -> list[tuple[float, Any]]:
     """Timed steps for the named faults over a run of ``duration_s`` seconds."""
     steps = []
     for name in names:
         if name not in CHAOS:
             raise ValueError(f"unknown chaos {name!r}; known: {', '.join(CHAOS)}")
         steps += [(frac * duration_s + delay, action) for frac, delay, action in CHAOS[name]]
-    return sorted(steps)
+    return sorted(steps, key=lambda step: step[0])
