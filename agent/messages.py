@@ -167,6 +167,10 @@ def parse_model(model: type[BaseModel], payload: bytes) -> tuple[Any, str | None
 
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
+    if err["type"] == "json_invalid":
+        return f"not JSON: {err['msg']}"
+    if err["type"] == "model_type" and not err["loc"]:
+        return "not a JSON object"
     where = ".".join(str(p) for p in err["loc"]) or "(message)"
     return f"{where}: {err['msg']}"
 

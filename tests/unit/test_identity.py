@@ -63,8 +63,10 @@ def test_the_proof_catches_a_matcher_that_ties_by_order(monkeypatch: pytest.Monk
 def test_a_read_is_always_its_own_parcels_frame(
     gaps: list[float], delays: list[float], sent: list[bool], counter: bool
 ) -> None:
-    """Any timing, any lost or late frames: whatever is tied to trigger k is trigger k's frame —
-    with a counter always, by the clock alone whenever every frame lands inside its own window."""
+    """Any timing, any lost frames: whatever is tied to trigger k is trigger k's frame — by the
+    clock alone whenever every frame lands inside its own window; with a counter also when one
+    frame lands outside it. (Two frames in a row, each late by exactly one parcel into the next
+    window, fool both witnesses while the counter is aligning: docs/serial-readers.md, section 6.)"""
     window = (0.002, 0.016)
     m = Matcher([SourceSpec("r", *window, "trailing_edge", 1000 if counter else None)], max_pass_s=0.1)
     m.new_session(0.0)
@@ -89,7 +91,7 @@ def test_a_read_is_always_its_own_parcels_frame(
         m.set_trailing(k + 1, lead + 0.0095, lead + 0.0105)
     m.set_horizon(t + 1)
     events += m.advance(t + 1)
-    in_window = all(window[0] <= d <= window[1] for d, s in zip(delays, sent, strict=False) if s)
+    outside = sum(1 for d, s in zip(delays[: len(times)], sent, strict=False) if s and not window[0] <= d <= window[1])
     for e in events:
-        if isinstance(e, Outcome) and e.status == "read" and (counter or in_window):
+        if isinstance(e, Outcome) and e.status == "read" and outside <= (1 if counter else 0):
             assert e.payload[0] == e.seq - 1, e
