@@ -35,8 +35,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for p in exc.problems:
             print(f"  {p}", file=sys.stderr)
         return 2
-    from agent import logs
-    from agent.runtime import run_agent
+    from agent.service import logs
+    from agent.service.runtime import run_agent
 
     logs.configure(cfg.logging.level, cfg.logging.format)
     return run_agent(cfg)
@@ -132,7 +132,7 @@ def _reader_spec(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_keys_gen(args: argparse.Namespace) -> int:
     import os
 
-    from agent.security import generate_keypair
+    from agent.central.security import generate_keypair
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -151,7 +151,7 @@ def _cmd_keys_gen(args: argparse.Namespace) -> int:
 
 
 def _cmd_verdicts_sign(args: argparse.Namespace) -> int:
-    from agent.security import sign_item
+    from agent.central.security import sign_item
 
     private = args.key.read_text().strip()
     try:
@@ -166,8 +166,8 @@ def _cmd_verdicts_sign(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_eval(args: argparse.Namespace) -> int:
-    from agent.model_eval import evaluate
-    from agent.vision import ModelError
+    from agent.vision.check import ModelError
+    from agent.vision.model_eval import evaluate
 
     thresholds = None
     if args.config:

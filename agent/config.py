@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agent.waybill import FORMATS
+from agent.pipeline.waybill import FORMATS
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_config"]
 

@@ -6,7 +6,7 @@ poll loop, the heartbeat and lane commands never interleave on the wire.
 
 At connect the link reads the identity block and refuses a controller whose contract version it
 does not speak (``ContractMismatch``) — the same rule as Klipper's host reading the MCU's
-dictionary. Reconnecting is the caller's job (``agent.controller``), so that a mismatch is never
+dictionary. Reconnecting is the caller's job (``agent.service.controller``), so that a mismatch is never
 retried and a lost link is visible as state, not hidden in a library.
 
 A flight recorder keeps the last frames on the wire; ``dump_frames()`` gives them to the log when

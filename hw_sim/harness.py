@@ -41,7 +41,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.security import generate_keypair, sign_item
+from agent.central.security import generate_keypair, sign_item
 from firmware_bridge import contract as c
 from hw_sim import waybills
 from hw_sim.broker import Mosquitto

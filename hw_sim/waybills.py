@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import string
 
-from agent.waybill import check_code, gs1_check_digit
+from agent.pipeline.waybill import check_code, gs1_check_digit
 
 _S10_PREFIXES = ["EE", "LX", "RB", "CP", "UA", "LP", "RR"]
 _S10_COUNTRIES = ["CN", "HK", "GB", "US", "DE", "FR", "JP", "SG", "KR", "NL"]

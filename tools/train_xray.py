@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.vision import INPUT_SIZE, preprocess  # noqa: E402
+from agent.vision.check import INPUT_SIZE, preprocess  # noqa: E402
 from hw_sim.xray import CLASSES, render  # noqa: E402
 
 #: share of each class in the generated training set

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent.security import generate_keypair, sign_item
+from agent.central.security import generate_keypair, sign_item
 from hw_sim.broker import Mosquitto
 from hw_sim.harness import LineRun, RunSpec, run_line, verdict_flood
 from hw_sim.plan import Mix, make_plan

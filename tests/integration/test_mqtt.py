@@ -17,8 +17,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.mqtt import MqttLink, TlsSettings
-from agent.security import generate_keypair, sign_item
+from agent.central.mqtt import MqttLink, TlsSettings
+from agent.central.security import generate_keypair, sign_item
 from firmware_bridge import contract as c
 from hw_sim.broker import Mosquitto
 from hw_sim.harness import LineRun, RunSpec, run_line

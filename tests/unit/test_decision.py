@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from agent.decision import (
+from agent.pipeline.decision import (
     DecisionInputs,
     ImageOutcome,
     LaneClass,

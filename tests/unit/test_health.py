@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.health import SystemdNotifier
+from agent.service.health import SystemdNotifier
 
 
 def test_noop_without_notify_socket(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import matching
-from agent.matching import Capture, Matcher, Outcome, SourceSpec
+from agent.pipeline import matching
+from agent.pipeline.matching import Capture, Matcher, Outcome, SourceSpec
 from hw_sim.identity import IdentitySpec, IdentityViolation, run_identity
 from hw_sim.reader_faults import FAULTS
 

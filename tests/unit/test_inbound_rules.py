@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.decision import Mode
-from agent.inbound import reply_topic_problem
-from agent.messages import Command, VerdictAnswer, parse_model, parse_verdict_batch
-from agent.mode_store import ModeStore
-from agent.verdicts import VerdictStore
+from agent.central.inbound import reply_topic_problem
+from agent.central.messages import Command, VerdictAnswer, parse_model, parse_verdict_batch
+from agent.central.mode_store import ModeStore
+from agent.central.verdicts import VerdictStore
+from agent.pipeline.decision import Mode
 
 ROOT = "sortgate/HKG/L1"
 
@@ -74,7 +74,7 @@ def test_reply_topics_under_the_reply_prefix_are_used(topic: str) -> None:
 
 
 async def test_equal_issued_at_keeps_the_stricter_verdict(tmp_path: Path) -> None:
-    from agent.messages import VerdictItem
+    from agent.central.messages import VerdictItem
 
     store = VerdictStore(tmp_path / "v.sqlite", default_ttl_s=86_400)
     at = datetime.now(UTC)

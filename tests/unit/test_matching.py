@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.matching import CLEAN_RUN, FAULT_RUN, Capture, Matcher, Note, Outcome, SourceSpec, capture_interval
+from agent.pipeline.matching import CLEAN_RUN, FAULT_RUN, Capture, Matcher, Note, Outcome, SourceSpec, capture_interval
 
 MS = 0.001
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import messages
-from agent.alarms import Alarms
+from agent.central import messages
+from agent.central.alarms import Alarms
+from agent.central.security import KeyRing, canonical, check_validity, generate_keypair, resolve_secret, sign_item
 from agent.config import parse_config
-from agent.runtime import StartupError, _security
-from agent.security import KeyRing, canonical, check_validity, generate_keypair, resolve_secret, sign_item
+from agent.service.runtime import StartupError, _security
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 ITEM = {"waybill": "RB123456785GB", "verdict": "release", "verdict_id": "v1", "issued_at": NOW.isoformat()}

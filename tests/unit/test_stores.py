@@ -6,9 +6,9 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from agent.messages import VerdictItem
-from agent.outbox import Outbox, OutboxPublisher
-from agent.verdicts import VerdictStore
+from agent.central.messages import VerdictItem
+from agent.central.outbox import Outbox, OutboxPublisher
+from agent.central.verdicts import VerdictStore
 
 T0 = datetime(2026, 11, 30, 8, 0, tzinfo=UTC)
 
@@ -96,7 +96,7 @@ async def test_outbox_replays_unacked_records_in_order_after_restart(tmp_path: P
 
 
 async def test_outbox_budget_refuses_and_cursor_and_decision_move_atomically(tmp_path: Path) -> None:
-    from agent.outbox import OutboxFull
+    from agent.central.outbox import OutboxFull
 
     outbox = Outbox(tmp_path / "o.sqlite", max_records=2, max_bytes=1000)
     try:

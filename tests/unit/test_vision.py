@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.decision import DecisionInputs, ImageOutcome, LaneClass, ReaderOutcome, VerdictLookup, decide
-from agent.vision import CLASSES, INPUT_SIZE, Classifier, ModelError, VisionCheck, _interpreter_class, preprocess
+from agent.pipeline.decision import DecisionInputs, ImageOutcome, LaneClass, ReaderOutcome, VerdictLookup, decide
+from agent.vision.check import CLASSES, INPUT_SIZE, Classifier, ModelError, VisionCheck, _interpreter_class, preprocess
 from hw_sim.xray import render, write_png
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -112,7 +112,7 @@ async def test_capture_source_hands_over_a_frame_after_each_trigger(tmp_path: Pa
     """A camera or stream, here a video file OpenCV writes itself, through VideoCapture."""
     import cv2
 
-    from agent.vision import CaptureSource
+    from agent.vision.check import CaptureSource
 
     video = tmp_path / "belt.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25, (128, 128))
@@ -146,7 +146,7 @@ def test_lines_without_image_checks_never_load_opencv_or_litert() -> None:
     import subprocess
     import sys
 
-    code = "import sys, agent.runtime, agent.cli; print(sorted(m for m in ('cv2', 'ai_edge_litert', 'tflite_runtime') if m in sys.modules))"
+    code = "import sys, agent.service.runtime, agent.cli; print(sorted(m for m in ('cv2', 'ai_edge_litert', 'tflite_runtime') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

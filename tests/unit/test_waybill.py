@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.waybill import FORMATS, check_code, gs1_check_digit
+from agent.pipeline.waybill import FORMATS, check_code, gs1_check_digit
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "tracking_number_data"
 
@@ -73,7 +73,7 @@ def test_embedded_copy_matches_shared_data() -> None:
 
 def test_s10_check_digit_special_cases() -> None:
     # mod-11 remainder 1 gives 10 -> check digit 0; remainder 0 gives 11 -> check digit 5.
-    from agent.waybill import _s10
+    from agent.pipeline.waybill import _s10
 
     for serial in ("00000000", "12345678", "99999999", "00000001", "31415926"):
         total = sum(int(d) * w for d, w in zip(serial, (8, 6, 4, 2, 3, 5, 9, 7), strict=True))

@@ -17,10 +17,10 @@ import sqlite3
 import time
 from pathlib import Path
 
-from agent.decision import VerdictLookup
-from agent.messages import VerdictItem
-from agent.sqlite_store import SqliteStore
-from agent.waybill import normalize
+from agent.central.messages import VerdictItem
+from agent.central.sqlite_store import SqliteStore
+from agent.pipeline.decision import VerdictLookup
+from agent.pipeline.waybill import normalize
 
 #: with equal issued_at, the stricter verdict stands
 STRICTNESS = {"release": 0, "hold": 1, "inspect": 2}

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import structlog
 
 from agent.config import Config
-from agent.line import Line
+from agent.pipeline.pipeline import Pipeline
 from firmware_bridge import contract as c
 from firmware_bridge.errors import ContractMismatch, LinkError
 from firmware_bridge.modbus_link import ControllerLink
@@ -48,11 +48,11 @@ class SpeedEstimator:
 
 class ControllerSupervisor:
     def __init__(
-        self, cfg: Config, link: ControllerLink, line: Line, healthy: Callable[[], bool] = lambda: True
+        self, cfg: Config, link: ControllerLink, pipeline: Pipeline, healthy: Callable[[], bool] = lambda: True
     ) -> None:
         self.cfg = cfg
         self.link = link
-        self.line = line
+        self.pipeline = pipeline
         self.healthy = healthy  # False while a vital task is dead or stuck: no heartbeat then
         self.speed = SpeedEstimator()
         self.status: c.Status | None = None
@@ -87,7 +87,7 @@ class ControllerSupervisor:
             try:
                 ident = await self.link.connect()
                 self.check_identity(ident)
-                self.line.identity = ident
+                self.pipeline.state.identity = ident
                 log.info(
                     "controller connected", link=self.link.settings.describe(),
                     contract=f"{ident.contract_major}.{ident.contract_minor}",
@@ -103,10 +103,10 @@ class ControllerSupervisor:
                 raise
             except LinkError as exc:
                 self.connected.clear()
-                self.line.set_problems(("controller_offline",))
+                self.pipeline.set_problems(("controller_offline",))
                 if not failing:
                     log.error("controller link down", error=str(exc), frames=self.link.dump_frames()[-8:])
-                    self.line.on_alarm("controller_offline", True, str(exc))
+                    self.pipeline.state.alarms.condition("controller_offline", True, str(exc))
                     failing = True
                 else:
                     log.debug("controller still unreachable", error=str(exc))
@@ -120,11 +120,11 @@ class ControllerSupervisor:
         rseqs = c.ring_entries_between(done_up_to, head, c.RESULT_RING_LEN)
         missed = c.seq_distance(done_up_to, head) - len(rseqs)
         if missed > 0:
-            self.line.results_lost(missed)
+            self.pipeline.results_lost(missed)
         entries = await self.link.read_results(rseqs)
         for rseq in rseqs:
             if rseq in entries:
-                self.line.on_result(entries[rseq])
+                self.pipeline.on_result(entries[rseq])
         return head
 
     async def _session(self) -> None:
@@ -147,10 +147,10 @@ class ControllerSupervisor:
         trigger_head = status.trigger_head
         # Triggers up to this head are not ours to decide (they default); frames of theirs may still
         # arrive, so the matcher must not take any trigger before this moment as known.
-        self.line.new_session(time.monotonic())
+        self.pipeline.new_session(time.monotonic())
         # Results: continue from the last one recorded durably (results of parcels that left the
         # belt while the agent was down are still in the ring); on a first start, from now.
-        cursor = self.line.result_cursor()
+        cursor = self.pipeline.result_cursor()
         result_head = status.result_head if cursor is None else cursor
         hb = status.agent_heartbeat  # continue from the register: the first write is a change
         next_hb = 0.0
@@ -169,26 +169,26 @@ class ControllerSupervisor:
             now = time.monotonic()
             self.status = status
             cps = self.speed.update(now, status.encoder)
-            self.line.set_problems(status.problems())
+            self.pipeline.set_problems(status.problems())
             if status.trigger_head != trigger_head:
                 seqs = c.ring_entries_between(trigger_head, status.trigger_head, c.TRIGGER_RING_LEN)
                 if c.seq_distance(trigger_head, status.trigger_head) > len(seqs):
-                    self.line.counters["trigger_ring_overruns"] += 1
+                    self.pipeline.state.metrics.count("trigger_ring_overruns")
                     log.error("trigger ring overrun: parcels missed (they default to inspection)")
                 entries = await self.link.read_triggers(seqs)
                 for seq in seqs:
                     if seq in entries:
-                        self.line.on_trigger(entries[seq], status.encoder, cps, now, prev_sent)
+                        self.pipeline.on_trigger(entries[seq], status.encoder, cps, now, prev_sent)
                 trigger_head = status.trigger_head
             if status.result_head != result_head:
                 result_head = await self._read_results(result_head, status.result_head)
-            self.line.on_poll(sent, now, prev_sent, status.encoder, cps)
+            self.pipeline.on_poll(sent, now, prev_sent, status.encoder, cps)
             prev_sent = sent
             # the next poll at the interval, or at once when an input waits for it
-            if not self.line.poll_now.is_set():
+            if not self.pipeline.poll_now.is_set():
                 try:
                     async with asyncio.timeout(poll_s):  # never wait_for: it can swallow a cancel on 3.11
-                        await self.line.poll_now.wait()
+                        await self.pipeline.poll_now.wait()
                 except TimeoutError:
                     pass
-            self.line.poll_now.clear()
+            self.pipeline.poll_now.clear()

@@ -2,15 +2,15 @@
 
 Task map (all on one asyncio loop, in one TaskGroup; see docs/code-overview.md):
 
-  controller     ControllerSupervisor.run: connect, poll, heartbeat, rings → Line
-  reader-<name>  ReaderPort.run per reader: serial bytes → frames → Line
-  parcel-<seq>   Line._run_parcel per trigger: wait for reads, decide, command
-  recorder       Line.run_recorder: parcel records and alarms → outbox (in order)
+  controller     ControllerSupervisor.run: connect, poll, heartbeat, rings → Pipeline (intake)
+  reader-<name>  ReaderPort.run per reader: serial bytes → frames → Pipeline (intake)
+  parcel-<seq>   ParcelRunner.run per trigger: wait for reads, decide, command
+  recorder       Recorder.run: parcel records and alarms → outbox (in order)
   outbox         OutboxPublisher.run: outbox → MQTT, delete on PUBACK
   inbound        Inbound.run: verdict batches (checked, then stored) and commands
   housekeeping   read-window expiry, missing results, systemd watchdog, stats, outbox fill
   readiness      sd_notify READY / STATUS as the controller link comes and goes
-  images         FolderSource / CaptureSource: X-ray images → Line (vision on)
+  images         FolderSource / CaptureSource: X-ray images → Pipeline (intake; vision on)
 
 Threads besides the loop: paho's network thread, the outbox writer and the verdict writer (one
 each, SQLite commits), the vision worker (inference, image files), a capture reader when the image
@@ -31,26 +31,27 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent import messages
-from agent.alarms import Alarms
+from agent.central import messages
+from agent.central.alarms import Alarms
+from agent.central.inbound import Inbound
+from agent.central.mode_store import ModeStore
+from agent.central.mqtt import MessageMeta, MqttLink, TlsSettings
+from agent.central.outbox import Outbox, OutboxPublisher
+from agent.central.security import KeyRing, read_secret, resolve_secret
+from agent.central.verdicts import VerdictStore
 from agent.config import Config
-from agent.controller import ControllerSupervisor
-from agent.decision import Mode
-from agent.health import SystemdNotifier
-from agent.inbound import Inbound
-from agent.line import Line
-from agent.mode_store import ModeStore
-from agent.mqtt import MessageMeta, MqttLink, TlsSettings
-from agent.outbox import Outbox, OutboxPublisher
-from agent.security import KeyRing, read_secret, resolve_secret
-from agent.verdicts import VerdictStore
+from agent.pipeline.decision import Mode
+from agent.pipeline.pipeline import Pipeline
+from agent.pipeline.state import Metrics
+from agent.service.controller import ControllerSupervisor
+from agent.service.health import SystemdNotifier
 from firmware_bridge.errors import ContractMismatch
 from firmware_bridge.modbus_link import ControllerLink, LinkSettings
 from firmware_bridge.reader_codec import CounterFormat, FrameDecoder
 from firmware_bridge.serial_port import ReaderPort
 
 if TYPE_CHECKING:
-    from agent.vision import CaptureSource, FolderSource, VisionCheck
+    from agent.vision.check import CaptureSource, FolderSource, VisionCheck
 
 log = structlog.get_logger("sortgate.agent")
 
@@ -109,7 +110,7 @@ def _security(cfg: Config) -> tuple[KeyRing | None, TlsSettings | None, str | No
 def _vision(cfg: Config) -> VisionCheck | None:
     if cfg.vision.mode == "off":
         return None  # and OpenCV and LiteRT are never imported
-    from agent.vision import ModelError, VisionCheck
+    from agent.vision.check import ModelError, VisionCheck
 
     try:
         return VisionCheck(
@@ -142,37 +143,37 @@ class Agent:
         )
         self.publisher = OutboxPublisher(self.outbox, self._publish)
         self.mqtt.on_connected = self.publisher.on_connected
-        self.line = Line(cfg, self.link, self.verdicts, self.publisher, self.hash, self.vision)
-        self.image_source: FolderSource | CaptureSource | None = None
-        if self.vision is not None:
-            from agent.vision import CaptureSource, FolderSource
-
-            v = cfg.vision
-            if v.source == "folder":
-                assert v.folder is not None
-                self.image_source = FolderSource(v.folder, v.pattern, v.poll_ms / 1000, self.line.on_image)
-            else:
-                assert v.capture_url is not None
-                capture = CaptureSource(v.capture_url, v.capture_delay_ms / 1000, self.line.on_image)
-                self.line.trigger_hooks.append(capture.on_trigger)
-                self.image_source = capture
         self.alarms = Alarms(cfg.line.site, cfg.line.line, self._alarm_sink)
-        self.line.on_alarm = lambda kind, active, detail, subject=None: self.alarms.condition(
-            kind, active, detail, subject=subject
-        )
-        self.line.on_event = self.alarms.event
         try:
             self.modes = ModeStore(state)
         except OSError as exc:
             raise StartupError(f"storage.state_dir: {state}: {exc}") from exc
-        self.line.mode = self.modes.mode  # a restart never loosens the mode
+        self.metrics = Metrics()
         self.inbound = Inbound(
-            cfg, self.verdicts, keyring, self.alarms, self.mqtt, self.link, self.line.counters,
+            cfg, self.verdicts, keyring, self.alarms, self.mqtt, self.link, self.metrics.counters,
             set_mode=self._set_mode, status=self._status_info, modes=self.modes,
         )
-        if cfg.verdicts.lookup:
-            self.line.ask = self.inbound.ask
-        self.supervisor = ControllerSupervisor(cfg, self.link, self.line, healthy=lambda: not self._stalled)
+        self.pipeline = Pipeline(
+            cfg, self.alarms, self.link, self.verdicts, self.publisher, self.hash, self.vision,
+            ask=self.inbound.ask if cfg.verdicts.lookup else None,
+        )
+        self.pipeline.state.metrics = self.metrics
+        self.pipeline.state.mode = self.modes.mode  # a restart never loosens the mode
+        self.image_source: FolderSource | CaptureSource | None = None
+        if self.vision is not None:
+            from agent.vision.check import CaptureSource, FolderSource
+
+            v = cfg.vision
+            on_image = self.pipeline.intake.on_image
+            if v.source == "folder":
+                assert v.folder is not None
+                self.image_source = FolderSource(v.folder, v.pattern, v.poll_ms / 1000, on_image)
+            else:
+                assert v.capture_url is not None
+                capture = CaptureSource(v.capture_url, v.capture_delay_ms / 1000, on_image)
+                self.pipeline.intake.trigger_hooks.append(capture.on_trigger)
+                self.image_source = capture
+        self.supervisor = ControllerSupervisor(cfg, self.link, self.pipeline, healthy=lambda: not self._stalled)
         self._stalled: list[str] = []  # vital tasks that are dead or stuck (see _vital_problems)
         self._stalled_since: float | None = None
         self.notifier = SystemdNotifier()
@@ -185,7 +186,7 @@ class Agent:
                     CounterFormat(r.counter.position, r.counter.separator, r.counter.width, r.counter.modulus)
                     if r.counter else None,
                 ),
-                on_event=self.line.on_reader_event, on_state=self._reader_state,
+                on_event=self.pipeline.intake.on_reader_event, on_state=self._reader_state,
                 baudrate=r.baudrate, bytesize=r.bytesize, parity=r.parity, stopbits=r.stopbits,
             )
             for r in cfg.readers
@@ -194,18 +195,18 @@ class Agent:
 
     # --- callbacks ----------------------------------------------------------------------
     def _birth(self) -> dict[str, Any]:
-        ident = self.line.identity
+        ident = self.pipeline.state.identity
         return messages.status_online(
             site=self.cfg.line.site, line=self.cfg.line.line, config_hash=self.hash,
             contract=f"{ident.contract_major}.{ident.contract_minor}" if ident else None,
             controller_firmware=".".join(map(str, ident.firmware)) if ident else None,
-            model_version=self.vision.model_version if self.vision else None, mode=self.line.mode.value,
+            model_version=self.vision.model_version if self.vision else None, mode=self.pipeline.state.mode.value,
         )
 
     def _status_info(self) -> dict[str, Any]:
         return {
             **self._birth(),
-            "problems": list(self.line.problems),
+            "problems": list(self.pipeline.state.problems),
             "alarms": [{"alarm": k, "subject": s, "detail": d} for (k, s), d in self.alarms.active.items()],
             "outbox_pending": self.outbox.count(),
             "outbox_published": self.publisher.published,
@@ -213,15 +214,15 @@ class Agent:
             "verdicts_stored": self.verdicts.count(),
             "controller_requests": self.link.requests,
             "reader_bytes": {r.name: r.bytes_in for r in self.readers},
-            "counters": dict(self.line.counters),
+            "counters": dict(self.metrics.counters),
         }
 
     def _set_mode(self, mode: Mode) -> None:
-        self.line.mode = mode
+        self.pipeline.state.mode = mode
 
     def _alarm_sink(self, alarm_id: str, payload: bytes) -> None:
-        if self.line.outbox_ok:
-            self.line.queue_alarm(alarm_id, payload)
+        if self.pipeline.state.outbox_ok:
+            self.pipeline.recorder.queue_alarm(alarm_id, payload)
         elif self.mqtt.connected.is_set():
             # the outbox cannot store: say so anyway, best effort
             self.mqtt.publish(messages.topic(self.cfg.topic_root, "alarms"), payload, qos=1)
@@ -250,8 +251,7 @@ class Agent:
         next_stats = time.monotonic() + self.cfg.health.stats_interval_s
         while True:
             now = time.monotonic()
-            self.line.tick(now)
-            self.line.sweep_results(now)
+            self.pipeline.housekeeping(now)
             self._check_vital(now)
             if ping_every and now >= next_ping and not self._stalled:
                 self.notifier.watchdog()
@@ -272,7 +272,7 @@ class Agent:
         stuck = []
         if now - self.inbound.alive > VITAL_STALL_S:
             stuck.append("inbound")
-        if now - self.line.recorder_alive > VITAL_STALL_S:
+        if now - self.pipeline.recorder.alive > VITAL_STALL_S:
             stuck.append("recorder")
         if now - self.supervisor.alive > VITAL_STALL_S + self.cfg.controller.reconnect_max_s:
             stuck.append("controller")
@@ -299,13 +299,13 @@ class Agent:
         """Line statistics for the last interval (and totals in ``counters``)."""
         now = time.monotonic()
         t0, before, lat_from = self._stats_mark
-        counters = dict(self.line.counters)
+        counters = dict(self.metrics.counters)
         delta = {k: v - before.get(k, 0) for k, v in counters.items()}
-        lat = sorted(self.line.latencies_ms[lat_from:])
-        self._stats_mark = (now, counters, len(self.line.latencies_ms))
-        if len(self.line.latencies_ms) > 100_000:
-            del self.line.latencies_ms[:50_000]
-            self._stats_mark = (now, counters, len(self.line.latencies_ms))
+        lat = sorted(self.metrics.latencies_ms[lat_from:])
+        self._stats_mark = (now, counters, len(self.metrics.latencies_ms))
+        if len(self.metrics.latencies_ms) > 100_000:
+            del self.metrics.latencies_ms[:50_000]
+            self._stats_mark = (now, counters, len(self.metrics.latencies_ms))
         interval = max(now - t0, 1e-6)
         parcels = delta.get("triggers", 0)
         released = delta.get("decided_release", 0)
@@ -327,8 +327,8 @@ class Agent:
                 "max": round(lat[-1], 2) if lat else None,
             },
             "outbox_pending": self.outbox.count(),
-            "problems": list(self.line.problems),
-            "mode": self.line.mode.value,
+            "problems": list(self.pipeline.state.problems),
+            "mode": self.pipeline.state.mode.value,
             "counters": counters,
         }
         if self.mqtt.connected.is_set():
@@ -346,7 +346,7 @@ class Agent:
                 tg.create_task(self.supervisor.run(), name="controller")
                 for r in self.readers:
                     tg.create_task(r.run(), name=f"reader-{r.name}")
-                tg.create_task(self.line.run_recorder(), name="recorder")
+                tg.create_task(self.pipeline.recorder.run(), name="recorder")
                 tg.create_task(self.publisher.run(), name="outbox")
                 tg.create_task(self.inbound.run(), name="inbound")
                 tg.create_task(self.outbox.prune_decisions(older_than_s=3600), name="prune")
@@ -362,6 +362,7 @@ class Agent:
             log.info("sortgate stopping")
         finally:
             self.notifier.stopping()
+            await self.pipeline.stop()  # parcel tasks and decision saves end before the stores close
             self.mqtt.stop()
             self.outbox.close()
             self.verdicts.close()

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.vision import CLASSES, TARGETS, Classifier, preprocess
+from agent.vision.check import CLASSES, TARGETS, Classifier, preprocess
 
 EVAL_SEED0 = 10_000_000
-MODELS = Path(__file__).resolve().parents[1] / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 def held_out(n: int, seed0: int = EVAL_SEED0) -> tuple[list[np.ndarray], np.ndarray]:

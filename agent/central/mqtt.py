@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import messages
+from agent.central import messages
 
 log = structlog.get_logger("sortgate.mqtt")
 

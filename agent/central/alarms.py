@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from agent import messages
+from agent.central import messages
 
 log = structlog.get_logger("sortgate.alarms")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import structlog
 
-from agent.sqlite_store import SqliteStore
+from agent.central.sqlite_store import SqliteStore
 
 log = structlog.get_logger("sortgate.outbox")
 

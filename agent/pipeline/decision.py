@@ -16,7 +16,7 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from agent.waybill import WaybillCheck, check_code
+from agent.pipeline.waybill import WaybillCheck, check_code
 
 __all__ = [
     "Decision",

@@ -35,16 +35,16 @@ from typing import Any
 
 import structlog
 
-from agent import messages
-from agent.alarms import Alarms
+from agent.central import messages
+from agent.central.alarms import Alarms
+from agent.central.messages import Command, VerdictAnswer, VerdictItem
+from agent.central.mode_store import ModeStore
+from agent.central.mqtt import MessageMeta, MqttLink
+from agent.central.security import Check, KeyRing, check_validity
+from agent.central.verdicts import VerdictStore
 from agent.config import Config
-from agent.decision import Mode, VerdictLookup
-from agent.messages import Command, VerdictAnswer, VerdictItem
-from agent.mode_store import ModeStore
-from agent.mqtt import MessageMeta, MqttLink
-from agent.security import Check, KeyRing, check_validity
-from agent.verdicts import VerdictStore
-from agent.waybill import normalize
+from agent.pipeline.decision import Mode, VerdictLookup
+from agent.pipeline.waybill import normalize
 from firmware_bridge import contract as c
 from firmware_bridge.errors import LinkError
 from firmware_bridge.modbus_link import ControllerLink

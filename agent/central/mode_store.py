@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from agent.decision import Mode
+from agent.pipeline.decision import Mode
 
 log = structlog.get_logger("sortgate.mode")
 

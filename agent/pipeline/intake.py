@@ -1,0 +1,250 @@
+"""Triggers, reader frames and X-ray images become one parcel's inputs.
+
+The controller supervisor hands each new trigger (``on_trigger``) and each poll (``on_poll``: the
+encoder, so trailing edges can be placed, and the horizon of known triggers); the reader ports hand
+frames (``on_reader_event``), the image source images (``on_image``). ``Matcher`` (pure) decides
+which input belongs to which trigger; its outcomes land on the parcel (``Parcel.reads``,
+``image_path``) and, once every source has answered, wake the parcel's task (``Parcel.all_read``).
+What the matcher notices (orphans, ambiguities, counter faults) is counted, logged and alarmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agent.pipeline.decision import ReaderOutcome
+from agent.pipeline.matching import Capture, Matcher, Note, Outcome, SourceSpec, capture_interval
+from agent.pipeline.parcel import Parcel
+from agent.pipeline.state import LineState
+from firmware_bridge import contract as c
+from firmware_bridge.reader_codec import Event, FramingError
+
+if TYPE_CHECKING:  # OpenCV and LiteRT load only on lines that run the image check
+    from agent.vision.check import VisionCheck
+
+log = structlog.get_logger("sortgate.intake")
+
+__all__ = ["IMAGE_SOURCE", "Intake"]
+
+#: the matcher's name for the X-ray image export, beside the readers' names
+IMAGE_SOURCE = "xray"
+#: the alarm event each kind of matcher note raises
+_NOTE_ALARMS = {
+    "orphan": "reader_frame_unmatched",
+    "conflict": "reader_frame_unmatched",
+    "mismatch": "reader_frame_unmatched",
+    "late": "reader_frame_unmatched",
+    "ambiguous": "reader_frame_unmatched",
+    "counter_gap": "reader_counter_gap",
+    "counter_reset": "reader_counter_reset",
+    "duplicate": "reader_frame_repeated",
+}
+
+
+class Intake:
+    def __init__(
+        self, state: LineState, vision: VisionCheck | None, start_parcel: Callable[[Parcel], None]
+    ) -> None:
+        cfg = state.cfg
+        self.state = state
+        self.vision = vision
+        self._start_parcel = start_parcel
+        sources = [
+            SourceSpec(
+                r.name, r.window_ms[0] / 1000, r.window_ms[1] / 1000, r.window_from,
+                r.counter.modulus if r.counter else None,
+            )
+            for r in cfg.readers
+        ]
+        # images named with the trigger sequence are matched exactly; others by their time window
+        self.image_seq = re.compile(cfg.vision.name_seq_regex) if cfg.vision.name_seq_regex else None
+        self._early_images: dict[int, tuple[Any, float]] = {}
+        if vision is not None and self.image_seq is None:
+            sources.append(SourceSpec(IMAGE_SOURCE, 0.0, cfg.vision.window_ms / 1000, "leading_edge"))
+        self.max_parcel_m = cfg.line.max_parcel_mm / 1000
+        self.matcher = Matcher(sources, max_pass_s=1.0)
+        self.publish_s = cfg.controller.trigger_publish_ms / 1000
+        self.trigger_hooks: list[Callable[[], None]] = []  # e.g. a capture source grabbing a frame
+        self._trailing: dict[int, int] = {}  # seq -> encoder count at which its trailing edge passes
+        self.poll_now = asyncio.Event()  # set when an input waits for the next controller poll
+
+    def new_session(self, known_since: float) -> None:
+        """A controller session starts: triggers captured before ``known_since`` may never be
+        seen (they were in the ring before this session read its head)."""
+        self.matcher.new_session(known_since)
+        self._trailing.clear()
+
+    def on_trigger(
+        self, entry: c.TriggerEntry, encoder_now: int, speed_cps: float, now: float, captured_after: float
+    ) -> None:
+        """A new trigger, seen at ``now``; it was captured after ``captured_after`` (the moment the
+        previous status poll was sent, which did not show it yet)."""
+        ident = self.state.identity
+        assert ident is not None
+        travelled = c.encoder_delta(entry.encoder, encoder_now)
+        remaining = ident.decision_distance_counts - travelled
+        deadline = now + remaining / max(speed_cps, 1.0)
+        p = Parcel(entry.seq, entry, now, time.time(), deadline, last_input_at=now)
+        self.state.parcels[entry.seq] = p
+        self.state.metrics.count("triggers")
+        for hook in self.trigger_hooks:
+            hook()
+        if speed_cps > 0:  # the longest parcel's passing time bounds windows of unmeasured parcels
+            self.matcher.max_pass_s = max(self.max_parcel_m * ident.counts_per_metre / speed_cps, 0.05)
+        lo, hi = capture_interval(now, captured_after - self.publish_s, travelled, speed_cps, self.publish_s)
+        self.matcher.add_trigger(Capture(entry.seq, lo, hi, measured=entry.length_mm > 0))
+        if entry.length_mm > 0:  # its trailing edge leaves the photo-eye at this encoder count
+            self._trailing[entry.seq] = (entry.encoder + entry.length_mm * ident.counts_per_metre // 1000) \
+                & 0xFFFFFFFF
+        if self.image_seq is not None:
+            early = self._early_images.pop(entry.seq, None)
+            if early is not None:
+                self._attach_image(p, *early)
+        self._settle(p)
+        self._start_parcel(p)
+
+    def give_up(self, p: Parcel) -> None:
+        """The parcel must be decided now: a read not final by now is not trusted."""
+        self._apply(self.matcher.give_up(p.seq))
+        p.image_done = True
+
+    def on_reader_event(self, reader: str, event: Event, t: float) -> None:
+        if isinstance(event, FramingError):
+            self.state.metrics.counters[f"reader_error_{event.kind}"] += 1
+            log.warning(
+                "reader framing error, skipped", reader=reader, kind=event.kind,
+                detail=event.detail, bytes=event.preview(),
+            )
+            return
+        self._apply(self.matcher.add_frame(reader, event, t, event.counter))
+        if self.matcher.holding():
+            self.poll_now.set()  # a frame waits to learn which triggers exist: look now
+
+    def on_image(self, image: Any, t: float) -> None:
+        """An X-ray image (a file path or a frame) from the image source."""
+        if self.image_seq is None:
+            self._apply(self.matcher.add_frame(IMAGE_SOURCE, image, t))
+            if self.matcher.holding():
+                self.poll_now.set()
+            return
+        m = self.image_seq.search(Path(image).name) if isinstance(image, str) else None
+        if m is None:
+            self.state.metrics.counters["image_orphans"] += 1
+            log.warning("image name carries no trigger sequence; not used", image=str(image))
+            self._discard(image)
+            return
+        seq = int(m.group("seq"))
+        p = self.state.parcels.get(seq)
+        if p is None:  # before the poll has seen its trigger: keep it briefly
+            self._early_images[seq] = (image, t)
+            return
+        self._attach_image(p, image, t)
+
+    def _attach_image(self, p: Parcel, image: Any, t: float) -> None:
+        if p.decision is not None or p.image_done:
+            self.state.metrics.counters["image_late"] += 1
+            log.warning("image arrived after the parcel was decided; not used", seq=p.seq, image=str(image))
+            self._discard(image)
+            return
+        p.image_path, p.image_done = image, True
+        p.last_input_at = max(p.last_input_at, t)
+        self._settle(p)
+
+    def on_poll(self, sent: float, now: float, prev_sent: float, encoder: int, speed_cps: float) -> None:
+        """A status poll sent at ``sent`` returned at ``now`` (its triggers already handed over):
+        place the trailing edges the encoder has passed, and every trigger captured before
+        ``sent`` is known."""
+        for seq, target in list(self._trailing.items()):
+            past = c.encoder_delta(target, encoder)
+            if past >= 0:
+                del self._trailing[seq]
+                lo, hi = capture_interval(now, prev_sent - self.publish_s, past, speed_cps, self.publish_s)
+                self.matcher.set_trailing(seq, lo, hi)
+            elif past < -(1 << 30):  # a controller restart left it behind: forget it
+                del self._trailing[seq]
+        self.matcher.set_horizon(sent - self.publish_s)
+        self.tick(now)
+
+    def tick(self, now: float) -> None:
+        """Periodic: close read windows (and drop images that found no parcel)."""
+        self._apply(self.matcher.advance(now))
+        for seq, (image, t) in list(self._early_images.items()):
+            if now - t > 1.0:
+                del self._early_images[seq]
+                self.state.metrics.counters["image_orphans"] += 1
+                log.warning("image matched no parcel", seq=seq, image=str(image))
+                self._discard(image)
+
+    def _discard(self, image: Any) -> None:
+        if self.vision is not None and self.state.cfg.vision.consume:
+            self.vision.discard(image)
+
+    def _settle(self, p: Parcel) -> None:
+        """Wake the parcel's task once every source has answered."""
+        if not p.read_settled and not self.matcher.expect(p.seq):
+            p.read_settled = True
+        if p.read_settled and (p.image_done or self.vision is None or self.image_seq is None):
+            p.all_read.set()
+
+    def _apply(self, events: list[Outcome | Note]) -> None:
+        for ev in events:
+            if isinstance(ev, Note):
+                self._note(ev)
+                continue
+            p = self.state.parcels.get(ev.seq)
+            if p is None or p.decision is not None:
+                if ev.source == IMAGE_SOURCE and ev.payload is not None:
+                    self._discard(ev.payload)
+                continue
+            if ev.source == IMAGE_SOURCE:
+                p.image_path = ev.payload  # None unless an image was tied to it
+                p.image_done = True
+            else:
+                frame = ev.payload if ev.status == "read" else None
+                p.reads[ev.source] = ReaderOutcome(
+                    ev.source,
+                    frame.codes if frame is not None else (),
+                    no_read=frame.no_read if frame is not None else False,
+                    timed_out=ev.status == "timed_out",
+                    problem="unmatched" if ev.unmatched else (
+                        ev.status if ev.status in ("ambiguous", "conflict") else None
+                    ),
+                    counter=ev.counter,
+                )
+            if ev.t_frame is not None:
+                p.last_input_at = max(p.last_input_at, ev.t_frame)
+            self._settle(p)
+
+    def _note(self, note: Note) -> None:
+        if note.kind == "aligned":
+            self.state.metrics.counters[f"reader_aligned_{note.source}"] += 1
+            log.info("reader counter aligned", reader=note.source, detail=note.detail)
+            return
+        if note.kind in ("unmatched", "matched"):
+            self.state.alarms.condition("reader_unmatched", note.kind == "unmatched",
+                                        f"reader {note.source}: {note.detail}", subject=note.source)
+            return
+        self.state.metrics.counters[f"reader_{note.kind}"] += 1
+        if note.source == IMAGE_SOURCE:
+            if note.payload is not None:
+                self._discard(note.payload)
+            log.warning("image not tied to a parcel", kind=note.kind, seqs=list(note.seqs), detail=note.detail)
+            return
+        payload = getattr(note.payload, "raw", note.payload)
+        log.warning(
+            "reader frame not tied to a parcel" if note.kind in ("orphan", "ambiguous", "mismatch", "conflict", "late",
+                                                                  "counter_reset")
+            else "reader fault", reader=note.source, kind=note.kind, seqs=list(note.seqs), detail=note.detail,
+            frame=repr(payload)[:120] if payload is not None else None,
+        )
+        alarm = _NOTE_ALARMS.get(note.kind)
+        if alarm:
+            self.state.alarms.event(alarm, f"reader {note.source}: {note.detail}", subject=note.source,
+                                    reason=note.kind)

@@ -1,0 +1,54 @@
+"""The Parcel: everything known about one trigger while it is in flight, from trigger to record.
+
+On its own so that intake, the parcel task and the recorder can all use it without importing
+each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from agent.pipeline.decision import Decision, Mode, ReaderOutcome, VerdictLookup
+from firmware_bridge import contract as c
+
+if TYPE_CHECKING:  # OpenCV and LiteRT load only on lines that run the image check
+    from agent.vision.check import ImageResult
+
+__all__ = ["Parcel", "decision_key"]
+
+
+@dataclass
+class Parcel:
+    seq: int
+    trigger: c.TriggerEntry
+    seen_at: float  # monotonic
+    seen_wall: float
+    deadline: float  # monotonic time the parcel reaches the decision point
+    reads: dict[str, ReaderOutcome] = field(default_factory=dict)
+    last_input_at: float = 0.0
+    read_settled: bool = False  # every reader has given its final answer
+    all_read: asyncio.Event = field(default_factory=asyncio.Event)
+    verdict: VerdictLookup | None = None
+    decision: Decision | None = None
+    decided_at: float | None = None
+    lane: int | None = None
+    ack: str | None = None
+    command_at: float | None = None
+    line_problems: tuple[str, ...] = ()
+    mode: Mode = Mode.NORMAL
+    part: dict[str, Any] | None = None  # the decision half of the record, once decided
+    image_path: Any = None  # the matched X-ray image (a path, or a frame from a capture source)
+    image_done: bool = False  # the image source has answered (an image, or a time-out)
+    image: ImageResult | None = None
+    image_kept: str | None = None
+
+    @property
+    def key(self) -> str:
+        return decision_key(self.seq, self.trigger.encoder)
+
+
+def decision_key(seq: int, encoder: int) -> str:
+    """A parcel's identity on this line: its trigger sequence and captured encoder count."""
+    return f"{seq}:{encoder}"

@@ -1,0 +1,132 @@
+"""Results in ring order become records, and records reach the durable outbox in order.
+
+The controller reports where each parcel went (result ring); ``on_result`` joins that with the
+decision part (in memory, or on disk if a previous agent run decided the parcel) into the parcel
+record. ``run`` commits records and alarms to the outbox one by one: while a record cannot be stored
+the line is unhealthy (``outbox_unavailable``) and nothing is released. ``sweep`` records parcels
+whose result never came, so the audit trail has no holes. Decision parts are saved on disk as
+soon as a parcel is decided (``keep``), and tracked so that a stop can wait for them (``drain``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+
+from agent.central import messages
+from agent.central.outbox import OutboxPublisher
+from agent.pipeline.parcel import Parcel, decision_key
+from agent.pipeline.records import RecordJob, parcel_record, result_part
+from agent.pipeline.state import LineState
+from firmware_bridge import contract as c
+
+log = structlog.get_logger("sortgate.recorder")
+
+__all__ = ["Recorder"]
+
+
+class Recorder:
+    def __init__(self, state: LineState, publisher: OutboxPublisher, config_hash: str) -> None:
+        self.state = state
+        self.publisher = publisher
+        self.config_hash = config_hash
+        self._jobs: asyncio.Queue[RecordJob] = asyncio.Queue()
+        self._saving: set[asyncio.Task[None]] = set()
+        self.alive = time.monotonic()  # the loop's last turn (liveness)
+
+    def cursor(self) -> int | None:
+        """The last result-ring sequence already turned into a record (None on a first start)."""
+        return self.publisher.outbox.cursor("results")
+
+    def results_lost(self, n: int) -> None:
+        self.state.metrics.count("results_lost", n)
+        log.error("result ring overrun: parcels left without a record", missed=n)
+        self.state.alarms.event("records_lost", f"{n} parcel results were overwritten before they were recorded")
+
+    def keep(self, p: Parcel, part: dict[str, Any]) -> None:
+        """Keep the decision half of the record in memory and on disk until the result comes."""
+        p.part = part
+        task = asyncio.create_task(self.publisher.outbox.save_decision(p.key, messages.dumps(part)))
+        self._saving.add(task)
+        task.add_done_callback(self._saving.discard)
+
+    def on_result(self, entry: c.ResultEntry) -> None:
+        key = decision_key(entry.seq, entry.encoder)
+        parcels = self.state.parcels
+        p = parcels.get(entry.seq)
+        if p is not None and p.key == key:
+            del parcels[entry.seq]
+            part = p.part
+        else:
+            stored = self.publisher.outbox.load_decision(key)  # decided by a previous agent run
+            part = messages.loads(stored) if stored else None
+        self.state.metrics.count(f"result_{entry.disposition_name}")
+        self._queue(entry.seq, entry.encoder, part, result_part(entry), ("results", entry.rseq), key)
+
+    def sweep(self, now: float) -> None:
+        """Parcels whose result never came: record them anyway (an audit trail has no holes)."""
+        limit = self.state.cfg.health.result_timeout_s
+        for seq, p in list(self.state.parcels.items()):
+            if now - p.deadline > limit:
+                del self.state.parcels[seq]
+                self.state.metrics.count("result_missing")
+                log.error("no result from controller for parcel", seq=seq)
+                self._queue(seq, p.trigger.encoder, p.part, result_part(None), None, p.key)
+
+    def _queue(
+        self, seq: int, encoder: int, part: dict[str, Any] | None, result: dict[str, Any],
+        cursor: tuple[str, int] | None, key: str,
+    ) -> None:
+        line = self.state.cfg.line
+        record = parcel_record(line.site, line.line, self.config_hash, seq, encoder, part, result)
+        self._jobs.put_nowait(RecordJob(record["record_id"], "parcels", messages.dumps(record), cursor, key))
+
+    def queue_alarm(self, record_id: str, payload: bytes) -> None:
+        self._jobs.put_nowait(RecordJob(record_id, "alarms", payload))
+
+    async def drain(self) -> None:
+        """Wait for decision parts still being saved (a clean stop)."""
+        if self._saving:
+            await asyncio.gather(*self._saving, return_exceptions=True)
+
+    async def run(self) -> None:
+        """Commit records to the outbox in order. While it cannot store, nothing is released."""
+        root = self.state.cfg.topic_root
+        while True:
+            self.alive = time.monotonic()
+            try:
+                async with asyncio.timeout(0.5):
+                    job = await self._jobs.get()
+            except TimeoutError:
+                continue
+            while True:
+                self.alive = time.monotonic()
+                try:
+                    await self.publisher.put(
+                        job.record_id, messages.topic(root, job.leaf), job.payload,
+                        cursor=job.cursor, done_decision=job.done_decision,
+                    )
+                    self._stored()
+                    break
+                except Exception as exc:  # noqa: BLE001 - OutboxFull, a disk error: any failure stops releases
+                    self._store_failed(exc)
+                    await asyncio.sleep(0.5)
+
+    def _stored(self) -> None:
+        s = self.state
+        if not s.outbox_ok:
+            s.outbox_ok = True
+            s.set_problems(tuple(p for p in s.problems if p != "outbox_unavailable"))
+            log.info("outbox writable again")
+            s.alarms.condition("outbox_full", False, "outbox accepts records again")
+
+    def _store_failed(self, exc: Exception) -> None:
+        s = self.state
+        if s.outbox_ok:
+            log.error("cannot store parcel record; releasing stops", error=str(exc))
+            s.outbox_ok = False
+            s.set_problems(s.problems)
+            s.alarms.condition("outbox_full", True, f"records cannot be stored: {exc}")
