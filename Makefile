@@ -9,6 +9,7 @@ sim: setup
 
 test: setup
 	.venv/bin/ruff check .
+	.venv/bin/mypy
 	.venv/bin/pytest -q
 
 bench: setup

@@ -65,7 +65,7 @@ class Mosquitto:
             f"{self.extra_conf}\n"
         )
         seen = len(self.log_text())  # readiness counts only what this start writes
-        log = open(self.dir / "mosquitto.log", "ab")  # noqa: SIM115 - lives as long as the process
+        log = open(self.dir / "mosquitto.log", "ab")  # lives as long as the process
         self.proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=log, stderr=log)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -59,7 +59,7 @@ class Central:
         self.host, self.port = host, port
 
     def start(self, timeout_s: float = 10.0) -> Central:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
         self.client.connect(self.host, self.port, keepalive=30, clean_start=False, properties=props)
         self.client.loop_start()
@@ -126,7 +126,7 @@ class Central:
             answer["verdict"] = self.item(waybill, verdict)
         if self.tamper is not None:
             answer = self.tamper(answer)
-        props = Properties(PacketTypes.PUBLISH)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.CorrelationData = getattr(props_in, "CorrelationData", b"")
         self.client.publish(getattr(props_in, "ResponseTopic", ""), json.dumps(answer), qos=1, properties=props)
 
@@ -166,7 +166,7 @@ class Central:
     def publish_raw(self, topic: str, payload: bytes, **props: Any) -> None:
         properties = None
         if props:
-            properties = Properties(PacketTypes.PUBLISH)
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             for k, v in props.items():
                 setattr(properties, k, v)
         info = self.client.publish(topic, payload, qos=1, properties=properties)

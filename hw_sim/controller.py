@@ -290,7 +290,7 @@ async def serve_tcp(
     """Start a Modbus TCP server for ``model``; returns (server, bound port)."""
     server = ModbusTcpServer(model.sim_device(unit_id), address=(host, port))
     await server.listen()
-    bound = server.transport.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    bound = server.transport.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
     return server, bound
 
 

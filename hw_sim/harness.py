@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
 from agent.central.security import generate_keypair, sign_item
 from firmware_bridge import contract as c
@@ -266,20 +267,20 @@ class LineRun:
         return f"sortgate/{self.spec.site}/{self.spec.line}"
 
     # --- set-up -------------------------------------------------------------------------
-    async def _start_controller(self) -> tuple[Any, str, NullModem | None]:
+    async def _start_controller(self) -> tuple[ModbusTcpServer | ModbusSerialServer, str, NullModem | None]:
         if self.spec.transport == "rtu":
             modem = NullModem()
             modem.start()
             # Linux ptys drop the parity flag (and pyserial's re-configure then fails), so the
             # simulated RS-485 line runs 8N1, a common RTU setting; real ports keep their parity.
-            server = await serve_rtu(self.model, modem.a, baudrate=115200, parity="N")
-            return server, f'transport = "rtu"\ndevice = "{modem.b}"\nbaudrate = 115200\nparity = "N"', modem
-        server, port = await serve_tcp(self.model)
-        return server, f'transport = "tcp"\nhost = "127.0.0.1"\nport = {port}', None
+            rtu = await serve_rtu(self.model, modem.a, baudrate=115200, parity="N")
+            return rtu, f'transport = "rtu"\ndevice = "{modem.b}"\nbaudrate = 115200\nparity = "N"', modem
+        tcp, port = await serve_tcp(self.model)
+        return tcp, f'transport = "tcp"\nhost = "127.0.0.1"\nport = {port}', None
 
     def start_agent(self) -> None:
         self.agent_starts += 1
-        log = open(self.agent_log, "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.agent_log, "ab")  # closed with the process
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.agent = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config_path)],
@@ -346,7 +347,7 @@ class LineRun:
             await self.stop_agent()
             if self.central:
                 self.central.stop()
-            await server.shutdown()
+            await server.shutdown()  # type: ignore[no-untyped-call]
             if modem:
                 modem.close()
             for r in self.readers:

@@ -28,6 +28,7 @@ import heapq
 import random
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,6 +283,7 @@ class IdentityRun:
             return
         elif kind == "deadline":
             seq, p = data
+            assert isinstance(p, _Parcel)
             if self.parcels.get(seq) is p and not p.decided:
                 # as the parcel task does at its deadline: what is not final becomes a time-out, and
                 # the parcel is decided once (with room left for the command: not late)
@@ -325,7 +327,7 @@ class IdentityRun:
         self.parcels.clear()
         self._push(t + down, "agent_up", None)
 
-    def _apply(self, t: float, events: list[Outcome | Note]) -> None:
+    def _apply(self, t: float, events: Sequence[Outcome | Note]) -> None:
         for ev in events:
             if isinstance(ev, Note):
                 self.figures[f"note_{ev.kind}"] += 1

@@ -56,13 +56,14 @@ class Canvas:
 
     def image(self, rng: np.random.Generator) -> np.ndarray:
         att = {m: self.t[m] * _MU[m] for m in _MATERIALS}
-        total = sum(att.values())
+        total: np.ndarray = np.sum(np.stack(list(att.values())), axis=0)
         intensity = np.exp(-total)[..., None]
         share = np.stack([att[m] for m in _MATERIALS], -1) / (total[..., None] + 1e-6)
         colour = share @ np.stack([_COLOUR[m] for m in _MATERIALS])
         rgb = intensity * 1.0 + (1 - intensity) * colour * (0.25 + 0.75 * intensity)
         rgb += rng.normal(0, 0.012, rgb.shape).astype(np.float32)  # detector noise
-        return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+        out: np.ndarray = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+        return out
 
 
 def _mask(size: int) -> np.ndarray:
@@ -78,7 +79,8 @@ def _poly(size: int, pts: np.ndarray) -> np.ndarray:
 def _transform(pts: np.ndarray, angle: float, scale: float, centre: tuple[float, float]) -> np.ndarray:
     c, s = math.cos(angle), math.sin(angle)
     rot = np.array([[c, -s], [s, c]])
-    return (pts * scale) @ rot.T + np.array(centre)
+    out: np.ndarray = (pts * scale) @ rot.T + np.array(centre)
+    return out
 
 
 def _rect(w: float, h: float) -> np.ndarray:

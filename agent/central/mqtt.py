@@ -94,7 +94,7 @@ class MqttLink:
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600  # keep our subscriptions across short outages
         self.client.connect_async(
             self.host, self.port, keepalive=self.keepalive_s, clean_start=False, properties=props
@@ -135,7 +135,7 @@ class MqttLink:
         try:
             props = None
             if response_topic is not None or correlation is not None:
-                props = Properties(PacketTypes.PUBLISH)
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 if response_topic is not None:
                     props.ResponseTopic = response_topic
                 if correlation is not None:

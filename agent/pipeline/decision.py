@@ -184,32 +184,40 @@ _MODE_REASONS: Mapping[Mode, Reason] = {
 }
 
 
+_VERDICT_STATUS_REASONS: Mapping[str, Reason] = {
+    "miss": Reason.UNKNOWN_WAYBILL,
+    "timeout": Reason.VERDICT_TIMEOUT,
+    "expired": Reason.VERDICT_EXPIRED,
+}
+
+
+def _verdict_reasons(verdict: VerdictLookup | None) -> list[str]:
+    """What counts against release in the verdict of the one valid waybill."""
+    if verdict is None:
+        return [Reason.UNKNOWN_WAYBILL]
+    if verdict.status != "hit":
+        return [_VERDICT_STATUS_REASONS.get(verdict.status, Reason.VERDICT_UNRECOGNISED)]
+    if verdict.verdict != "release":
+        return [_VERDICT_REASONS.get(verdict.verdict or "", Reason.VERDICT_UNRECOGNISED)]
+    return []
+
+
+_IMAGE_REASONS: Mapping[str, Reason] = {"missing": Reason.IMAGE_MISSING, "flagged": Reason.IMAGE_FLAGGED}
+
+
+def _image_reasons(image: ImageOutcome) -> list[str]:
+    """What counts against release in a required image check: anything but a pass."""
+    return [] if image.status == "pass" else [_IMAGE_REASONS.get(image.status, Reason.IMAGE_FAILED)]
+
+
 def decide(inputs: DecisionInputs) -> Decision:
     """Decide the lane. Pure: same inputs, same decision; never raises on odd inputs."""
     waybill, reasons, checks = identify(inputs.reads, inputs.accept_formats)
-
     verdict = inputs.verdict
     if waybill is not None:
-        if verdict is None or verdict.status == "miss":
-            reasons.append(Reason.UNKNOWN_WAYBILL)
-        elif verdict.status == "timeout":
-            reasons.append(Reason.VERDICT_TIMEOUT)
-        elif verdict.status == "expired":
-            reasons.append(Reason.VERDICT_EXPIRED)
-        elif verdict.status != "hit":
-            reasons.append(Reason.VERDICT_UNRECOGNISED)
-        elif verdict.verdict != "release":
-            reasons.append(_VERDICT_REASONS.get(verdict.verdict or "", Reason.VERDICT_UNRECOGNISED))
-
-    image = inputs.image
-    if image is not None and image.required:
-        if image.status == "missing":
-            reasons.append(Reason.IMAGE_MISSING)
-        elif image.status == "flagged":
-            reasons.append(Reason.IMAGE_FLAGGED)
-        elif image.status != "pass":
-            reasons.append(Reason.IMAGE_FAILED)
-
+        reasons += _verdict_reasons(verdict)
+    if inputs.image is not None and inputs.image.required:
+        reasons += _image_reasons(inputs.image)
     if inputs.line_problems:
         reasons.append(Reason.LINE_UNHEALTHY)
     if inputs.mode is not Mode.NORMAL:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -193,7 +193,7 @@ class Intake:
         if p.read_settled and (p.image_done or self.vision is None or self.image_seq is None):
             p.all_read.set()
 
-    def _apply(self, events: list[Outcome | Note]) -> None:
+    def _apply(self, events: Sequence[Outcome | Note]) -> None:
         for ev in events:
             if isinstance(ev, Note):
                 self._note(ev)

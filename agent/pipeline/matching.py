@@ -467,7 +467,8 @@ class Matcher:
         if slot is None or slot.status is not None or not slot.proposed or slot.conflict:
             return
         slot.status = "read"
-        src.attached[slot.counter_index] = slot.frame
+        if slot.counter_index is not None:
+            src.attached[slot.counter_index] = slot.frame
         out.append(Outcome(seq, src.spec.name, "read", slot.frame, slot.t_frame, slot.counter, src.unmatched))
 
     def _compete(self, src: _Source, cands: list[_Trig], out: list[Event]) -> None:

@@ -127,13 +127,10 @@ class ControllerSupervisor:
                 self.pipeline.on_result(entries[rseq])
         return head
 
-    async def _session(self) -> None:
-        cc = self.cfg.controller
-        poll_s = cc.poll_interval_ms / 1000
-        hb_s = cc.heartbeat_interval_ms / 1000
+    async def _measure_speed(self) -> c.Status:
+        """Know the belt's speed before deciding anything: deadlines and the time a trigger was
+        captured both come from it. Returns the last status polled."""
         status = await self.link.poll()
-        # Know the belt's speed before deciding anything: deadlines and the time a trigger was
-        # captured both come from it.
         self.speed = SpeedEstimator()
         self.speed.update(time.monotonic(), status.encoder)
         for _ in range(40):  # ~1 s at most; an encoder that never moves must not hang the session
@@ -144,6 +141,13 @@ class ControllerSupervisor:
             if not status.bits & c.StatusBit.BELT_RUNNING:
                 break  # a stopped belt: no parcel moves, and none can be released (belt_stopped)
             self.speed.update(time.monotonic(), status.encoder)
+        return status
+
+    async def _session(self) -> None:
+        cc = self.cfg.controller
+        poll_s = cc.poll_interval_ms / 1000
+        hb_s = cc.heartbeat_interval_ms / 1000
+        status = await self._measure_speed()
         trigger_head = status.trigger_head
         # Triggers up to this head are not ours to decide (they default); frames of theirs may still
         # arrive, so the matcher must not take any trigger before this moment as known.

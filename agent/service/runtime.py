@@ -415,16 +415,16 @@ def run_agent(cfg: Config) -> int:
     code = 0
     try:
         asyncio.run(_main(cfg))
-    except* StartupError as eg:
-        for exc in eg.exceptions:
+    except* StartupError as starting:
+        for exc in starting.exceptions:
             log.error("cannot start", error=str(exc))
         code = 2
-    except* ContractMismatch as eg:
-        for exc in eg.exceptions:
-            log.error("controller contract mismatch; refusing to run", error=str(exc))
+    except* ContractMismatch as mismatch:
+        for why in mismatch.exceptions:
+            log.error("controller contract mismatch; refusing to run", error=str(why))
         code = 3
-    except* Exception as eg:  # a vital task died: exit non-zero so that systemd restarts the agent
-        for exc in eg.exceptions:
-            log.error("vital task failed; agent exits", error=repr(exc), exc_info=exc)
+    except* Exception as failed:  # a vital task died: exit non-zero so that systemd restarts the agent
+        for err in failed.exceptions:
+            log.error("vital task failed; agent exits", error=repr(err), exc_info=err)
         code = 1
     return code

@@ -113,7 +113,8 @@ class Classifier:
         y = self._interp.get_tensor(self._out["index"])[0]
         if self.output.dtype != np.float32:
             y = (y.astype(np.float32) - self.output.zero_point) * self.output.scale
-        return y.astype(np.float32)
+        out: np.ndarray = y.astype(np.float32)
+        return out
 
 
 # --- the check as the agent runs it -------------------------------------------------------------

@@ -53,7 +53,7 @@ def evaluate(n: int = 2500, model_dir: Path = MODELS, thresholds: dict[str, floa
     s8, t8 = _run(int8, images)
     s32, t32 = _run(f32, images)
     thr = np.array([thresholds[c] for c in TARGETS])
-    flagged = (s8[:, 1:] >= thr).any(axis=1)
+    flagged: np.ndarray = np.asarray((s8[:, 1:] >= thr).any(axis=1))
     top8, top32 = s8.argmax(1), s32.argmax(1)
     confusion = np.zeros((len(CLASSES), len(CLASSES)), int)
     for t, p in zip(labels, top8, strict=True):
