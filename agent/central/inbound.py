@@ -13,10 +13,8 @@ bounded queue, and pushed verdict items by a second one (``max_verdict_items_per
 either, they are dropped and counted (``inbound_flood``). Answers to our own look-ups bypass both,
 so a flood of batches cannot starve a parcel's deadline.
 
-Commands that loosen control (``set_mode normal`` from ``inspect_all`` or ``maintenance``) must be
-signed by a central key, carry ``issued_at`` no older than ``command_max_age_s`` and a
-``request_id`` never obeyed before; tightening needs no signature. The mode is kept on disk
-(``ModeStore``), so a restart never loosens it.
+Commands (``set_mode``, ``status``) are routed to ``commands.Commands``: loosening the mode needs
+central's signature, and replies go only to allowed topics.
 
 Look-ups use MQTT 5 request/response: a request on ``{root}/verdicts/request`` with response topic
 ``{root}/verdicts/answer`` and a fresh correlation id; the answer must come back before the
@@ -37,7 +35,8 @@ import structlog
 
 from agent.central import messages
 from agent.central.alarms import Alarms
-from agent.central.messages import Command, VerdictAnswer, VerdictItem
+from agent.central.commands import Commands
+from agent.central.messages import VerdictAnswer, VerdictItem
 from agent.central.mode_store import ModeStore
 from agent.central.mqtt import MessageMeta, MqttLink
 from agent.central.security import Check, KeyRing, check_validity
@@ -45,8 +44,6 @@ from agent.central.verdicts import VerdictStore
 from agent.config import Config
 from agent.pipeline.decision import Mode, VerdictLookup
 from agent.pipeline.waybill import normalize
-from firmware_bridge import contract as c
-from firmware_bridge.errors import LinkError
 from firmware_bridge.modbus_link import ControllerLink
 
 log = structlog.get_logger("sortgate.inbound")
@@ -54,8 +51,6 @@ log = structlog.get_logger("sortgate.inbound")
 
 #: signature checks handed to the worker thread at once (an answer waits behind one chunk at most)
 VERIFY_CHUNK = 128
-#: the longest response topic accepted
-MAX_TOPIC = 200
 
 
 class TokenBucket:
@@ -72,19 +67,6 @@ class TokenBucket:
         got = min(n, int(self.tokens))
         self.tokens -= got
         return got
-
-
-def reply_topic_problem(topic: str, root: str) -> str | None:
-    """Why a command's response topic may not be used, or None. Replies go under
-    ``{root}/cmd/reply`` only (the example ACL's grant), never anywhere with wildcards."""
-    prefix = messages.topic(root, "cmd/reply")
-    if len(topic) > MAX_TOPIC:
-        return f"response topic longer than {MAX_TOPIC} characters"
-    if any(ch in topic for ch in "+#\0"):
-        return "response topic holds a wildcard or NUL"
-    if topic != prefix and not topic.startswith(prefix + "/"):
-        return f"response topic must be {prefix} or under it"
-    return None
 
 
 class Inbound:
@@ -119,6 +101,10 @@ class Inbound:
         self._pending: dict[bytes, asyncio.Future[bytes]] = {}
         self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verdict-verify")
         self.alive = time.monotonic()  # the handler loop's last turn (for the liveness check)
+        self.commands = Commands(
+            cfg, keyring, alarms, mqtt, link, counters, set_mode, status, modes,
+            verify_signed=self._verify_one, report_invalid=self._invalid,
+        )
 
     # --- admission (loop thread, straight from paho's callback) --------------------------
     def offer(self, topic: str, payload: bytes, meta: MessageMeta) -> None:
@@ -163,7 +149,7 @@ class Inbound:
         if leaf == "verdicts":
             await self._batch(payload)
         elif leaf == "cmd":
-            await self._command(payload, meta)
+            await self.commands.handle(payload, meta)
         else:
             self._invalid(topic, "no handler for this topic")
 
@@ -220,6 +206,11 @@ class Inbound:
         if good:
             self.counters["verdicts_stored"] += await self.verdicts.store(good)
         return good + duplicates
+
+    async def _verify_one(self, raw: dict[str, Any]) -> Check:
+        """One signature check on the worker thread (a signed command)."""
+        loop = asyncio.get_running_loop()
+        return (await loop.run_in_executor(self._verifier, self._verify, [raw]))[0]
 
     def _verify(self, raws: list[dict[str, Any]]) -> list[Check]:
         """Worker thread: signature checks only (pure CPU, no agent state)."""
@@ -294,90 +285,3 @@ class Inbound:
         if not await self.accept([(item, answer.verdict)]):
             return VerdictLookup("rejected")
         return self.verdicts.lookup(waybill)
-
-    # --- commands -----------------------------------------------------------------------
-    async def _command(self, payload: bytes, meta: MessageMeta) -> None:
-        cmd, problem = messages.parse_model(Command, payload)
-        request_id = cmd.request_id if cmd else None
-        topic_problem = reply_topic_problem(meta.response_topic, self.root) if meta.response_topic else None
-        if topic_problem is not None:  # refused whole: the reply goes to the line's own reply topic
-            self._invalid(messages.topic(self.root, "cmd"), topic_problem)
-            self._reply(MessageMeta(correlation=meta.correlation), request_id, False, f"refused: {topic_problem}")
-            return
-        if cmd is None:
-            self._invalid(messages.topic(self.root, "cmd"), problem or "unreadable")
-            self._reply(meta, None, False, f"invalid command: {problem}")
-            return
-        if cmd.command == "set_mode":
-            await self._set_mode_command(cmd, payload, meta)
-        elif cmd.command == "status":
-            self._reply(meta, request_id, True, None, self._status())
-        else:
-            self._invalid(messages.topic(self.root, "cmd"), f"unknown command {cmd.command!r}")
-            self._reply(meta, request_id, False, f"unknown command {cmd.command!r}; known: set_mode, status")
-
-    async def _set_mode_command(self, cmd: Command, payload: bytes, meta: MessageMeta) -> None:
-        request_id = cmd.request_id
-        if cmd.mode is None:
-            self._reply(meta, request_id, False, "set_mode needs a mode")
-            return
-        target = Mode(cmd.mode)
-        loosening = target is Mode.NORMAL and self.modes.mode is not Mode.NORMAL
-        if loosening:
-            refusal = await self._loosening_refusal(cmd, payload)
-            if refusal is not None:
-                self.counters["commands_refused_unsigned"] += 1
-                log.warning("loosening command refused", reason=refusal, request_id=request_id)
-                self.alarms.event("command_refused", f"set_mode {cmd.mode}: {refusal}", reason=refusal)
-                self._reply(meta, request_id, False, f"refused: {refusal}")
-                return
-        try:
-            want = c.ModeRequest.MAINTENANCE if target is Mode.MAINTENANCE else c.ModeRequest.NORMAL
-            if self.link.connected:
-                await self.link.request_mode(want)
-        except LinkError as exc:
-            self._reply(meta, request_id, False, f"controller did not take the mode: {exc}")
-            return
-        try:
-            self.modes.set(target, request_id if loosening else None)
-        except OSError as exc:
-            self._reply(meta, request_id, False, f"mode not kept on disk, not taken: {exc}")
-            return
-        self._set_mode(target)
-        log.warning("mode changed by command", mode=cmd.mode, request_id=request_id, signed=loosening)
-        self._reply(meta, request_id, True, None, {"mode": cmd.mode})
-
-    async def _loosening_refusal(self, cmd: Command, payload: bytes) -> str | None:
-        """Why a loosening command may not be obeyed, or None: it must be signed by a trusted
-        key, recent, and never obeyed before."""
-        if self.keyring is None:
-            return "loosening needs a command signed by central; this agent has no trusted keys"
-        if cmd.signature is None or cmd.key_id is None or cmd.issued_at is None or cmd.request_id is None:
-            return "unsigned: loosening needs key_id, signature, issued_at and request_id"
-        if cmd.key_id not in self.keyring.keys:
-            return "unknown_key"
-        age = (datetime.now(UTC) - cmd.issued_at).total_seconds()
-        if age > self.cfg.mqtt.command_max_age_s or age < -self.cfg.verdicts.max_clock_skew_s:
-            return f"issued_at out of range (age {age:.0f} s)"
-        if self.modes.was_obeyed(cmd.request_id):
-            return "replayed: this request_id was obeyed before"
-        raw = messages.loads(payload)
-        check = await asyncio.get_running_loop().run_in_executor(self._verifier, self._verify, [raw])
-        return None if check[0].ok else (check[0].reason or "bad_signature")
-
-    def _reply(
-        self, meta: MessageMeta, request_id: str | None, ok: bool, error: str | None,
-        result: dict[str, Any] | None = None,
-    ) -> None:
-        body = {
-            "schema": messages.SCHEMA_COMMAND_REPLY,
-            "request_id": request_id,
-            "ok": ok,
-            "error": error,
-            "result": result,
-            "at": messages.iso(),
-        }
-        # only a checked response topic (reply_topic_problem), else the line's own reply topic
-        topic = meta.response_topic or messages.topic(self.root, "cmd/reply")
-        if self.mqtt.publish(topic, messages.dumps(body), qos=1, correlation=meta.correlation) is None:
-            self.counters["replies_failed"] += 1

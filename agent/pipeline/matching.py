@@ -46,156 +46,36 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
+
+from agent.pipeline.alignment import CounterRules
+from agent.pipeline.evidence import (
+    CAPTURE_SLACK_S,
+    CLEAN_RUN,
+    FAULT_RUN,
+    INF,
+    KEEP_S,
+    RESET_MAX,
+    SPEED_TOLERANCE,
+    Capture,
+    Event,
+    Note,
+    Outcome,
+    SourceSpec,
+    _same,
+    _Slot,
+    _Source,
+    _Trig,
+    capture_interval,
+)
 
 __all__ = [
-    "CAPTURE_SLACK_S",
-    "CLEAN_RUN",
-    "FAULT_RUN",
-    "Capture",
-    "Matcher",
-    "Note",
-    "Outcome",
-    "SPEED_TOLERANCE",
-    "SourceSpec",
-    "capture_interval",
+    "CAPTURE_SLACK_S", "CLEAN_RUN", "FAULT_RUN", "SPEED_TOLERANCE",
+    "Capture", "Matcher", "Note", "Outcome", "SourceSpec", "capture_interval",
 ]
 
-#: disagreements in a row that make a source "unmatched" (alarm; its parcels go to inspection)
-FAULT_RUN = 3
-#: clean matches in a row that clear it again
-CLEAN_RUN = 3
-#: how long a trigger is remembered after its window closed (only for late frames' notes)
-KEEP_S = 2.0
-INF = float("inf")
-#: a counter this low after a higher one is a rebooted reader, not a late frame
-RESET_MAX = 3
 
-Status = Literal["read", "timed_out", "ambiguous", "conflict"]
-
-
-@dataclass(frozen=True, slots=True)
-class SourceSpec:
-    """A reader (or the image export) and where its frames can arrive."""
-
-    name: str
-    min_s: float  # a frame arrives no earlier than this after its anchor
-    max_s: float  # ... and no later than this
-    anchor: Literal["leading_edge", "trailing_edge"] = "trailing_edge"
-    counter_modulus: int | None = None  # the reader's counter wraps to 0 here; None: no counter
-
-
-@dataclass(frozen=True, slots=True)
-class Capture:
-    """When a trigger's photo-eye fired, as the agent can bound it."""
-
-    seq: int
-    lo: float  # leading edge no earlier than this (monotonic seconds)
-    hi: float  # ... and no later than this
-    measured: bool = False  # the controller measured its length: its trailing edge will be observed
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """A source's final answer for one trigger."""
-
-    seq: int
-    source: str
-    status: Status
-    payload: Any = None  # the attached frame (status "read")
-    t_frame: float | None = None
-    counter: int | None = None
-    unmatched: bool = False  # the source was unmatched: do not trust this read
-
-
-@dataclass(frozen=True, slots=True)
-class Note:
-    """Something worth a counter, a log line or an alarm.
-
-    kinds: orphan, ambiguous, mismatch, duplicate, conflict, counter_gap, counter_reset, aligned,
-    unaligned, unmatched (source became unmatched), matched (it recovered).
-    """
-
-    source: str
-    kind: str
-    detail: str
-    seqs: tuple[int, ...] = ()
-    payload: Any = None
-
-
-Event = Outcome | Note
-
-
-#: how far the belt-speed estimate may be off when placing a trigger's edges in time
-SPEED_TOLERANCE = 0.05
-#: clock slack added to every capture interval (poll round trip, timer granularity)
-CAPTURE_SLACK_S = 0.002
-
-
-def capture_interval(
-    now: float, after: float, travelled: int, speed_cps: float, stale: float = 0.0
-) -> tuple[float, float]:
-    """When the belt was at a position it has since travelled ``travelled`` counts past, as bounds.
-
-    Hard bounds: after ``after`` (a poll that went out before the belt got there, less the
-    controller's publishing delay) and before ``now`` (the poll that shows it returned); the
-    encoder narrows that to its estimate, give or take the speed tolerance and ``stale``, the age
-    the controller's encoder register may have. Pure."""
-    lo, hi = after, now
-    if speed_cps > 0:
-        ago = max(travelled, 0) / speed_cps
-        slack = CAPTURE_SLACK_S + SPEED_TOLERANCE * ago
-        est_lo, est_hi = now - ago - slack - stale, now - ago + slack
-        if est_lo <= hi and est_hi >= lo:
-            lo, hi = max(lo, est_lo), min(hi, est_hi)
-    return lo, hi
-
-
-@dataclass(slots=True)
-class _Trig:
-    seq: int
-    idx: int  # unwrapped trigger index: strictly increasing, never reused
-    cap: Capture
-    windows: dict[str, tuple[float, float]]  # source -> (opens, closes); inf until the trailing edge
-    closes: float  # the latest window close over all sources (inf until known)
-
-
-@dataclass(slots=True)
-class _Slot:
-    """One source's state for one trigger."""
-
-    frame: Any = None
-    t_frame: float | None = None
-    counter: int | None = None
-    status: Status | None = None  # set when final
-    conflict: bool = False
-    ambiguous: bool = False
-    proposed: bool = False  # a counter reader's frame held until the next cycle confirms its offset
-    counter_index: int | None = None
-
-
-@dataclass(slots=True)
-class _Source:
-    spec: SourceSpec
-    held: deque[tuple[Any, float, int | None]] = field(default_factory=deque)
-    offset: int | None = None  # trigger idx - counter idx, when aligned
-    candidate: tuple[int, int, int] | None = None  # (offset, counter index, seq) the last frame proposed
-    confirmed: int | None = None  # the seq whose proposal the alignment confirmed
-    last_counter: int | None = None  # unwrapped counter index of the last frame
-    last_raw: int | None = None  # its raw value
-    attached: dict[int, Any] = field(default_factory=dict)  # counter idx -> frame (for duplicates)
-    bad_run: int = 0
-    clean_run: int = 0
-    unmatched: bool = False
-
-
-def _same(a: Any, b: Any) -> bool:
-    raw_a, raw_b = getattr(a, "raw", a), getattr(b, "raw", b)
-    return bool(raw_a == raw_b)
-
-
-class Matcher:
+class Matcher(CounterRules):
     """Per-source frame matching. Feed it triggers, frames and the passing of time."""
 
     def __init__(self, sources: list[SourceSpec], max_pass_s: float) -> None:
@@ -318,12 +198,6 @@ class Matcher:
                 out.append(Outcome(seq, name, slot.status, unmatched=src.unmatched))
         return out
 
-    def drop_source(self, source: str, seq: int) -> None:
-        """``source`` answers for ``seq`` another way (an image named by its trigger sequence)."""
-        slot = self._slots.get((seq, source))
-        if slot is not None:
-            slot.status = "read"
-
     # --- resolution ---------------------------------------------------------------------
     def _candidates(self, src: _Source, t: float) -> tuple[list[_Trig], bool]:
         """Triggers whose window for ``src`` holds ``t``, and whether an unknown one could."""
@@ -390,127 +264,6 @@ class Matcher:
             return
         slot.frame, slot.t_frame, slot.counter = frame, t, counter
 
-    def _by_counter(
-        self, src: _Source, frame: Any, t: float, counter: int, n: int, prev: int | None,
-        cands: list[_Trig], unknown: bool, out: list[Event],
-    ) -> bool:
-        """Aligned counter: True when the frame was handled (attached, duplicate, ambiguous);
-        False when the witnesses disagree."""
-        name = src.spec.name
-        assert src.offset is not None
-        seen = src.attached.get(n)
-        if seen is not None and _same(seen, frame):
-            out.append(Note(name, "duplicate", f"counter {counter} repeated", (), frame))
-            return True
-        trig = next((c for c in cands if c.idx == n + src.offset), None) if seen is None else None
-        slot = self._slots[(trig.seq, name)] if trig is not None else None
-        if trig is not None and slot is not None and not unknown and slot.status is None and slot.frame is None:
-            if len(cands) > 1:  # the counter's trigger shares the frame's time with another
-                out.append(Note(name, "ambiguous", "frame inside more than one trigger's window",
-                                tuple(c.seq for c in cands), frame))
-                self._mark_ambiguous(src, trig, out)
-                return True
-            if prev is not None and n > prev + 1:
-                out.append(Note(name, "counter_gap", f"{n - prev - 1} read cycle(s) without a frame", (trig.seq,)))
-                self._bad(src, out)
-            slot.status = "read"
-            slot.frame, slot.t_frame, slot.counter = frame, t, counter
-            src.attached[n] = frame
-            if len(src.attached) > 64:
-                del src.attached[min(src.attached)]
-            self._clean(src, out)
-            out.append(Outcome(trig.seq, name, "read", frame, t, counter, src.unmatched))
-            return True
-        return False
-
-    def _disagree(
-        self, src: _Source, frame: Any, counter: int, n: int, prev: int | None, cands: list[_Trig],
-        unknown: bool, out: list[Event],
-    ) -> None:
-        """The counter names a trigger whose window does not hold the frame: it is tied to no one,
-        it competes for the triggers whose windows hold it, and the alignment is dropped (a reader
-        that rebooted, or whose own photo-eye missed or doubled a parcel)."""
-        reset = prev is not None and n < prev
-        out.append(Note(src.spec.name, "counter_reset" if reset else "mismatch",
-                        f"counter {counter} does not fit the trigger its alignment names; alignment dropped",
-                        tuple(c.seq for c in cands), frame))
-        src.offset = None
-        src.candidate = None
-        src.attached.clear()
-        self._compete(src, cands, out)
-        self._bad(src, out)
-        self._learn_offset(src, n, cands, unknown, out)  # the first witness of a new alignment
-
-    def _propose(
-        self, src: _Source, frame: Any, t: float, counter: int, cands: list[_Trig], unknown: bool, out: list[Event]
-    ) -> None:
-        """Unaligned: a frame alone in one window is held there until the next cycle confirms the
-        offset it implies (``_confirm``); otherwise it only competes."""
-        slot = self._slots.get((cands[0].seq, src.spec.name)) if len(cands) == 1 and not unknown else None
-        if slot is not None and slot.frame is not None and _same(slot.frame, frame):
-            out.append(Note(src.spec.name, "duplicate", f"counter {counter} repeated", (cands[0].seq,), frame))
-            return
-        if slot is None or slot.status is not None or slot.frame is not None:
-            out.append(Note(src.spec.name, "unaligned", "reader counter not aligned; frame not tied",
-                            tuple(c.seq for c in cands), frame))
-            self._compete(src, cands, out)
-            return
-        slot.frame, slot.t_frame, slot.counter, slot.proposed = frame, t, counter, True
-        slot.counter_index = src.last_counter
-
-    def _confirm(self, src: _Source, out: list[Event]) -> None:
-        """The frame before this one proposed the offset this one confirms: tie it, if nothing has
-        competed for its trigger meanwhile."""
-        assert src.offset is not None and src.confirmed is not None
-        seq = src.confirmed
-        slot = self._slots.get((seq, src.spec.name))
-        if slot is None or slot.status is not None or not slot.proposed or slot.conflict:
-            return
-        slot.status = "read"
-        if slot.counter_index is not None:
-            src.attached[slot.counter_index] = slot.frame
-        out.append(Outcome(seq, src.spec.name, "read", slot.frame, slot.t_frame, slot.counter, src.unmatched))
-
-    def _compete(self, src: _Source, cands: list[_Trig], out: list[Event]) -> None:
-        """A frame that cannot be tied to anyone but may be any of ``cands``'s: none of them can
-        trust a read from this source any more."""
-        for trig in cands:
-            slot = self._slots.get((trig.seq, src.spec.name))
-            if slot is not None and slot.status is None:
-                slot.conflict = True
-
-    def _learn_offset(self, src: _Source, n: int, cands: list[_Trig], unknown: bool, out: list[Event]) -> bool:
-        """Unaligned: a frame that is its trigger's only candidate proposes an offset; the next
-        one confirming it aligns the reader (True)."""
-        if unknown or len(cands) != 1:
-            src.candidate = None
-            return False
-        offset = cands[0].idx - n
-        if src.candidate is not None and src.candidate[:2] == (offset, n - 1):  # the next cycle agrees
-            src.offset = offset
-            src.confirmed = src.candidate[2]
-            src.candidate = None
-            out.append(Note(src.spec.name, "aligned", f"reader counter aligned (offset {offset})"))
-            return True
-        src.candidate = (offset, n, cands[0].seq)
-        return False
-
-    def _index(self, src: _Source, counter: int) -> int:
-        """The counter as an ever-growing index: the nearest to the last one, modulo its wrap."""
-        m = src.spec.counter_modulus
-        assert m is not None
-        if src.last_counter is None or src.last_raw is None:
-            return counter + 10 * m  # room below for a counter that steps back
-        step = (counter - src.last_raw) % m
-        return src.last_counter + (step - m if step > m // 2 else step)
-
-    def _mark_ambiguous(self, src: _Source, trig: _Trig, out: list[Event]) -> None:
-        slot = self._slots.get((trig.seq, src.spec.name))
-        if slot is None or slot.status is not None:
-            return
-        slot.status = "ambiguous"
-        out.append(Outcome(trig.seq, src.spec.name, "ambiguous", unmatched=src.unmatched))
-
     def _close(self, src: _Source, seq: int, slot: _Slot, out: list[Event]) -> None:
         if slot.proposed and not slot.conflict:
             return  # waits for the next cycle to confirm it, or for the parcel's deadline (give_up)
@@ -524,19 +277,3 @@ class Matcher:
         else:
             slot.status = "timed_out"
             out.append(Outcome(seq, src.spec.name, "timed_out", unmatched=src.unmatched))
-
-    # --- source health ------------------------------------------------------------------
-    def _bad(self, src: _Source, out: list[Event]) -> None:
-        src.clean_run = 0
-        src.bad_run += 1
-        if not src.unmatched and src.bad_run >= FAULT_RUN:
-            src.unmatched = True
-            out.append(Note(src.spec.name, "unmatched",
-                            f"{src.bad_run} frames in a row did not match a trigger cleanly"))
-
-    def _clean(self, src: _Source, out: list[Event]) -> None:
-        src.bad_run = 0
-        src.clean_run += 1
-        if src.unmatched and src.clean_run >= CLEAN_RUN:
-            src.unmatched = False
-            out.append(Note(src.spec.name, "matched", f"{src.clean_run} frames in a row matched cleanly"))

@@ -1,4 +1,6 @@
-"""systemd integration: sd_notify (READY, STATUS, WATCHDOG, STOPPING) without a dependency.
+"""Health: systemd integration, and the vital tasks' progress that decides whether to feed it.
+
+sd_notify (READY, STATUS, WATCHDOG, STOPPING) without a dependency:
 
 The notify protocol is one datagram to ``$NOTIFY_SOCKET`` (a path, or ``@`` for the abstract
 namespace). When the unit has ``WatchdogSec=``, systemd sets ``$WATCHDOG_USEC`` and restarts the
@@ -10,6 +12,11 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
+
+import structlog
+
+log = structlog.get_logger("sortgate.health")
 
 
 class SystemdNotifier:
@@ -49,3 +56,42 @@ class SystemdNotifier:
 
     def stopping(self) -> None:
         self.notify("STOPPING=1")
+
+
+class VitalTaskStalled(Exception):
+    """A vital task died or stopped making progress."""
+
+
+class Vitals:
+    """Which vital tasks show no progress. While any is stuck (``stalled``), neither the
+    controller's watchdog nor systemd's is fed, so the controller sends every parcel to inspection;
+    after ``exit_s`` ``check`` raises ``VitalTaskStalled``, ending the agent non-zero so that
+    systemd restarts it."""
+
+    def __init__(self, stall_s: float, exit_s: float) -> None:
+        self.stall_s, self.exit_s = stall_s, exit_s
+        self._turns: dict[str, tuple[Callable[[], float], float]] = {}
+        self._alive: dict[str, Callable[[], bool]] = {}
+        self.stalled: list[str] = []
+        self._since: float | None = None
+
+    def watch(self, name: str, last_turn: Callable[[], float], slack_s: float = 0.0) -> None:
+        """A loop that marks each turn (monotonic time): stuck when silent for stall_s + slack_s."""
+        self._turns[name] = (last_turn, slack_s)
+
+    def require(self, name: str, alive: Callable[[], bool]) -> None:
+        """A thread or resource that must be alive."""
+        self._alive[name] = alive
+
+    def check(self, now: float) -> None:
+        stalled = [n for n, (turn, slack) in self._turns.items() if now - turn() > self.stall_s + slack]
+        stalled += [n for n, alive in self._alive.items() if not alive()]
+        if stalled and not self.stalled:
+            log.error("vital task stalled; heartbeats stop", tasks=stalled)
+            self._since = now
+        elif not stalled and self.stalled:
+            log.info("vital tasks running again", tasks=self.stalled)
+            self._since = None
+        self.stalled = stalled
+        if self._since is not None and now - self._since > self.exit_s:
+            raise VitalTaskStalled(f"vital task(s) {', '.join(stalled)} stalled for {self.exit_s:.0f} s")

@@ -44,7 +44,8 @@ from agent.pipeline.decision import Mode
 from agent.pipeline.pipeline import Pipeline
 from agent.pipeline.state import Metrics
 from agent.service.controller import ControllerSupervisor
-from agent.service.health import SystemdNotifier
+from agent.service.health import SystemdNotifier, Vitals
+from agent.service.stats import StatsReporter
 from firmware_bridge.errors import ContractMismatch
 from firmware_bridge.modbus_link import ControllerLink, LinkSettings
 from firmware_bridge.reader_codec import CounterFormat, FrameDecoder
@@ -173,11 +174,17 @@ class Agent:
                 capture = CaptureSource(v.capture_url, v.capture_delay_ms / 1000, on_image)
                 self.pipeline.intake.trigger_hooks.append(capture.on_trigger)
                 self.image_source = capture
-        self.supervisor = ControllerSupervisor(cfg, self.link, self.pipeline, healthy=lambda: not self._stalled)
-        self._stalled: list[str] = []  # vital tasks that are dead or stuck (see _vital_problems)
-        self._stalled_since: float | None = None
+        self.vitals = Vitals(VITAL_STALL_S, VITAL_EXIT_S)
+        self.supervisor = ControllerSupervisor(
+            cfg, self.link, self.pipeline, healthy=lambda: not self.vitals.stalled
+        )
+        # each vital loop marks every turn (at least twice a second); paho's thread must be alive
+        self.vitals.watch("inbound", lambda: self.inbound.alive)
+        self.vitals.watch("recorder", lambda: self.pipeline.recorder.alive)
+        self.vitals.watch("controller", lambda: self.supervisor.alive, slack_s=cfg.controller.reconnect_max_s)
+        self.vitals.require("mqtt", lambda: self.mqtt.thread_alive or self.mqtt.stopping)
+        self.stats = StatsReporter(cfg, self.metrics, self.pipeline.state)
         self.notifier = SystemdNotifier()
-        self._stats_mark: tuple[float, dict[str, int], int] = (time.monotonic(), {}, 0)
         self.readers = [
             ReaderPort(
                 r.name, r.device,
@@ -252,8 +259,8 @@ class Agent:
         while True:
             now = time.monotonic()
             self.pipeline.housekeeping(now)
-            self._check_vital(now)
-            if ping_every and now >= next_ping and not self._stalled:
+            self.vitals.check(now)
+            if ping_every and now >= next_ping and not self.vitals.stalled:
                 self.notifier.watchdog()
                 next_ping = now + ping_every
             if now >= next_stats:
@@ -267,71 +274,9 @@ class Agent:
                     )
             await asyncio.sleep(0.05)
 
-    def _vital_problems(self, now: float) -> list[str]:
-        """Vital tasks that show no progress: each loop marks every turn (at least twice a second)."""
-        stuck = []
-        if now - self.inbound.alive > VITAL_STALL_S:
-            stuck.append("inbound")
-        if now - self.pipeline.recorder.alive > VITAL_STALL_S:
-            stuck.append("recorder")
-        if now - self.supervisor.alive > VITAL_STALL_S + self.cfg.controller.reconnect_max_s:
-            stuck.append("controller")
-        if not self.mqtt.thread_alive and not self.mqtt.stopping:
-            stuck.append("mqtt")
-        return stuck
-
-    def _check_vital(self, now: float) -> None:
-        """While a vital task is dead or stuck, neither the controller's watchdog nor systemd's is
-        fed (the controller sends every parcel to inspection); after VITAL_EXIT_S the agent exits
-        non-zero so that systemd restarts it."""
-        stalled = self._vital_problems(now)
-        if stalled and not self._stalled:
-            log.error("vital task stalled; heartbeats stop", tasks=stalled)
-            self._stalled_since = now
-        elif not stalled and self._stalled:
-            log.info("vital tasks running again", tasks=self._stalled)
-            self._stalled_since = None
-        self._stalled = stalled
-        if self._stalled_since is not None and now - self._stalled_since > VITAL_EXIT_S:
-            raise VitalTaskStalled(f"vital task(s) {', '.join(stalled)} stalled for {VITAL_EXIT_S:.0f} s")
-
     def _publish_stats(self) -> None:
-        """Line statistics for the last interval (and totals in ``counters``)."""
-        now = time.monotonic()
-        t0, before, lat_from = self._stats_mark
-        counters = dict(self.metrics.counters)
-        delta = {k: v - before.get(k, 0) for k, v in counters.items()}
-        lat = sorted(self.metrics.latencies_ms[lat_from:])
-        self._stats_mark = (now, counters, len(self.metrics.latencies_ms))
-        if len(self.metrics.latencies_ms) > 100_000:
-            del self.metrics.latencies_ms[:50_000]
-            self._stats_mark = (now, counters, len(self.metrics.latencies_ms))
-        interval = max(now - t0, 1e-6)
-        parcels = delta.get("triggers", 0)
-        released = delta.get("decided_release", 0)
-        stats = {
-            "schema": messages.SCHEMA_STATS,
-            "at": messages.iso(),
-            "site": self.cfg.line.site,
-            "line": self.cfg.line.line,
-            "interval_s": round(interval, 3),
-            "parcels": parcels,
-            "parcels_per_hour": round(parcels * 3600 / interval, 1),
-            "released": released,
-            "inspected": delta.get("decided_inspection", 0),
-            "release_ratio": round(released / parcels, 4) if parcels else None,
-            "noread_rate": round(delta.get("reason_no_read", 0) / parcels, 4) if parcels else None,
-            "decision_ms": {
-                "p50": round(lat[len(lat) // 2], 2) if lat else None,
-                "p99": round(lat[int(len(lat) * 0.99)], 2) if lat else None,
-                "max": round(lat[-1], 2) if lat else None,
-            },
-            "outbox_pending": self.outbox.count(),
-            "problems": list(self.pipeline.state.problems),
-            "mode": self.pipeline.state.mode.value,
-            "counters": counters,
-        }
         if self.mqtt.connected.is_set():
+            stats = self.stats.report(time.monotonic(), self.outbox.count())
             self.mqtt.publish(messages.topic(self.cfg.topic_root, "stats"), messages.dumps(stats), qos=0)
 
     async def run(self) -> None:
@@ -402,8 +347,6 @@ class _Stop(Exception):
     pass
 
 
-class VitalTaskStalled(Exception):
-    """A vital task died or stopped making progress."""
 
 
 async def _main(cfg: Config) -> None:

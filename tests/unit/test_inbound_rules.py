@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.central.inbound import reply_topic_problem
+from agent.central.commands import reply_topic_problem
 from agent.central.messages import Command, VerdictAnswer, parse_model, parse_verdict_batch
 from agent.central.mode_store import ModeStore
 from agent.central.verdicts import VerdictStore

@@ -1,0 +1,55 @@
+"""Line statistics for central, every ``[health] stats_interval_s`` (``{root}/stats``, QoS 0)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from agent.central import messages
+from agent.config import Config
+from agent.pipeline.state import LineState, Metrics
+
+__all__ = ["StatsReporter"]
+
+
+class StatsReporter:
+    """Figures for the interval since the last report, and the counters' totals."""
+
+    def __init__(self, cfg: Config, metrics: Metrics, state: LineState) -> None:
+        self.cfg, self.metrics, self.state = cfg, metrics, state
+        self._mark: tuple[float, dict[str, int], int] = (time.monotonic(), {}, 0)
+
+    def report(self, now: float, outbox_pending: int) -> dict[str, Any]:
+        t0, before, lat_from = self._mark
+        counters = dict(self.metrics.counters)
+        delta = {k: v - before.get(k, 0) for k, v in counters.items()}
+        latencies = self.metrics.latencies_ms
+        lat = sorted(latencies[lat_from:])
+        if len(latencies) > 100_000:  # bounded memory; the next interval starts after the cut
+            del latencies[:50_000]
+        self._mark = (now, counters, len(latencies))
+        interval = max(now - t0, 1e-6)
+        parcels = delta.get("triggers", 0)
+        released = delta.get("decided_release", 0)
+        return {
+            "schema": messages.SCHEMA_STATS,
+            "at": messages.iso(),
+            "site": self.cfg.line.site,
+            "line": self.cfg.line.line,
+            "interval_s": round(interval, 3),
+            "parcels": parcels,
+            "parcels_per_hour": round(parcels * 3600 / interval, 1),
+            "released": released,
+            "inspected": delta.get("decided_inspection", 0),
+            "release_ratio": round(released / parcels, 4) if parcels else None,
+            "noread_rate": round(delta.get("reason_no_read", 0) / parcels, 4) if parcels else None,
+            "decision_ms": {
+                "p50": round(lat[len(lat) // 2], 2) if lat else None,
+                "p99": round(lat[int(len(lat) * 0.99)], 2) if lat else None,
+                "max": round(lat[-1], 2) if lat else None,
+            },
+            "outbox_pending": outbox_pending,
+            "problems": list(self.state.problems),
+            "mode": self.state.mode.value,
+            "counters": counters,
+        }

@@ -1,0 +1,176 @@
+"""The middle layer in-process: the parcel task with fakes (deadlines in milliseconds of test time),
+record builders against the JSON Schema, and the recorder's order and fallbacks. No wires."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from agent.config import Config, parse_config
+from agent.pipeline.decision import Mode, ReaderOutcome, VerdictLookup
+from agent.pipeline.parcel import Parcel
+from agent.pipeline.parcel_task import ParcelRunner
+from agent.pipeline.records import decision_part, parcel_record, result_part
+from agent.pipeline.state import LineState
+from firmware_bridge import contract as c
+from firmware_bridge.errors import LinkError
+
+SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "docs/schemas/parcel.schema.json").read_text())
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.FormatChecker())
+CODE = "RB123456785GB"
+
+
+def config() -> Config:
+    return parse_config({
+        "line": {"site": "T", "line": "L1"},
+        "controller": {"host": "127.0.0.1"},
+        "readers": [{"name": "top", "device": "/dev/null"}, {"name": "side", "device": "/dev/zero"}],
+        "lanes": [{"number": 1, "name": "insp", "role": "inspection"},
+                  {"number": 2, "name": "rel", "role": "release", "gate": 1}],
+        "decision": {"safety_margin_ms": 10},
+    })
+
+
+class Alarms:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Any]] = []
+
+    def condition(self, kind: str, active: bool, detail: str, subject: str | None = None) -> None:
+        self.seen.append((kind, active))
+
+    def event(self, kind: str, detail: str, **extra: Any) -> None:
+        self.seen.append((kind, extra))
+
+
+class Lanes:
+    def __init__(self, ack: c.AckCode = c.AckCode.ACCEPTED, fail: bool = False) -> None:
+        self.ack, self.fail = ack, fail
+        self.sent: list[tuple[int, int]] = []
+
+    async def command(self, counter: int, seq: int, lane: int, ack_timeout_s: float) -> c.AckCode:
+        if self.fail:
+            raise LinkError("link down")
+        self.sent.append((seq, lane))
+        return self.ack
+
+
+class Verdicts:
+    def __init__(self, known: dict[str, str]) -> None:
+        self.known = known
+
+    def lookup(self, waybill: str, now: float | None = None) -> VerdictLookup:
+        v = self.known.get(waybill)
+        return VerdictLookup("hit", v, "v1") if v else VerdictLookup("miss")
+
+
+def parcel(seq: int = 7, deadline_in_s: float = 0.2, reads: dict[str, ReaderOutcome] | None = None) -> Parcel:
+    now = time.monotonic()
+    p = Parcel(seq, c.TriggerEntry(seq, 5000 + seq, 150), now, time.time(), now + deadline_in_s)
+    if reads is not None:
+        p.reads = reads
+        p.all_read.set()
+    return p
+
+
+def both_read(code: str = CODE) -> dict[str, ReaderOutcome]:
+    return {"top": ReaderOutcome("top", (code,)), "side": ReaderOutcome("side", no_read=True)}
+
+
+def runner(
+    lanes: Lanes, verdicts: Verdicts, ask: Callable[[str, float], Any] | None = None,
+) -> tuple[ParcelRunner, LineState, list[tuple[Parcel, dict[str, Any]]], list[Parcel]]:
+    state = LineState(config(), Alarms())
+    state.problems = ()
+    kept: list[tuple[Parcel, dict[str, Any]]] = []
+    gave_up: list[Parcel] = []
+    r = ParcelRunner(state, lanes, verdicts, give_up=gave_up.append, keep=lambda p, part: kept.append((p, part)),
+                     ask=ask)
+    return r, state, kept, gave_up
+
+
+async def test_a_cleared_parcel_is_commanded_to_release_and_its_record_kept() -> None:
+    lanes = Lanes()
+    r, _, kept, _ = runner(lanes, Verdicts({CODE: "release"}))
+    p = parcel(reads=both_read())
+    await r.run(p)
+    assert lanes.sent == [(7, 2)] and p.ack == "accepted"
+    assert kept[0][1]["decision"]["reasons"] == ["release_verdict"]
+
+
+async def test_reads_not_final_by_the_deadline_are_given_up_and_the_parcel_inspected() -> None:
+    lanes = Lanes()
+    r, _, kept, gave_up = runner(lanes, Verdicts({CODE: "release"}))
+    p = parcel(deadline_in_s=0.05)  # the readers never settle
+    t0 = time.monotonic()
+    await r.run(p)
+    assert gave_up == [p]
+    assert time.monotonic() - t0 < 0.05  # it waited no longer than the deadline less the reserve
+    assert lanes.sent == [(7, 1)]
+    assert "reader_timeout" in kept[0][1]["decision"]["reasons"]
+
+
+async def test_a_lookup_slower_than_the_deadline_is_a_timeout_and_inspection() -> None:
+    asked: list[float] = []
+
+    async def slow_ask(waybill: str, timeout_s: float) -> VerdictLookup:
+        asked.append(timeout_s)
+        await asyncio.sleep(timeout_s)
+        return VerdictLookup("timeout")
+
+    lanes = Lanes()
+    r, _, kept, _ = runner(lanes, Verdicts({}), ask=slow_ask)
+    p = parcel(deadline_in_s=0.08, reads=both_read())
+    await r.run(p)
+    assert asked and asked[0] <= 0.08 - 0.01 - 0.02 + 0.001  # the margin and the reserve kept back
+    assert lanes.sent == [(7, 1)] and "verdict_timeout" in kept[0][1]["decision"]["reasons"]
+
+
+async def test_too_late_to_command_leaves_the_parcel_to_the_controller() -> None:
+    lanes = Lanes()
+    r, _, kept, _ = runner(lanes, Verdicts({CODE: "release"}))
+    p = parcel(deadline_in_s=0.0, reads=both_read())
+    await r.run(p)
+    assert lanes.sent == [] and p.ack == "not_sent_late"
+    assert kept[0][1]["decision"]["lane_class"] == "inspection" and "late" in kept[0][1]["decision"]["reasons"]
+
+
+async def test_a_failed_link_is_recorded_and_nothing_is_released() -> None:
+    r, state, kept, _ = runner(Lanes(fail=True), Verdicts({CODE: "release"}))
+    p = parcel(reads=both_read())
+    await r.run(p)
+    assert p.ack == "link_error" and kept[0][1]["command"]["ack"] == "link_error"
+
+
+@pytest.mark.parametrize("mode,problems,reason", [
+    (Mode.INSPECT_ALL, (), "mode_inspect_all"), (Mode.NORMAL, ("jam",), "line_unhealthy"),
+])
+async def test_mode_and_health_are_read_at_the_decision(mode: Mode, problems: tuple[str, ...], reason: str) -> None:
+    lanes = Lanes()
+    r, state, kept, _ = runner(lanes, Verdicts({CODE: "release"}))
+    state.mode, state.problems = mode, problems
+    await r.run(parcel(reads=both_read()))
+    assert lanes.sent == [(7, 1)] and reason in kept[0][1]["decision"]["reasons"]
+
+
+async def test_records_match_the_published_schema() -> None:
+    lanes = Lanes()
+    r, _, kept, _ = runner(lanes, Verdicts({CODE: "release"}))
+    p = parcel(reads={"top": ReaderOutcome("top", (CODE,), counter=4711),
+                      "side": ReaderOutcome("side", problem="ambiguous")})
+    await r.run(p)
+    part = kept[0][1]
+    entry = c.ResultEntry(3, 7, p.trigger.encoder, 1, 1, int(c.Disposition.SORTED))
+    for rec in (
+        parcel_record("T", "L1", "abc", 7, p.trigger.encoder, part, result_part(entry)),
+        parcel_record("T", "L1", "abc", 8, 99, None, result_part(None)),  # nobody decided it
+    ):
+        VALIDATOR.validate(rec)
+    assert part["reads"][1]["problem"] == "ambiguous" and part["decision"]["reasons"] == ["read_ambiguous"]
+    assert decision_part(parcel(), ["top"], None)["decision"] is None  # undecided: no decision half
