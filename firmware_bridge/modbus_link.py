@@ -224,5 +224,3 @@ class ControllerLink:
     async def request_mode(self, mode: c.ModeRequest) -> None:
         await self.write(c.REG_MODE_REQUEST, [int(mode)])
 
-    async def fire_gate(self, gate: int) -> None:
-        await self.write(c.REG_MAINT_FIRE_GATE, [gate])

@@ -3,7 +3,7 @@
 The port is opened non-blocking and watched with ``loop.add_reader`` on its file descriptor, so
 bytes are handed to the frame decoder the moment they arrive (no polling thread, no added
 latency). A port that fails (USB reader unplugged, device missing) is closed and reopened with a
-doubling delay up to a cap; the failure is reported once and the recovery once.
+jittered doubling delay up to a cap (``backoff.Backoff``); the failure is reported once and the recovery once.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import serial
 
+from firmware_bridge.backoff import Backoff
 from firmware_bridge.errors import SerialPortError
 from firmware_bridge.reader_codec import Event, FrameDecoder
 
@@ -63,9 +64,9 @@ class ReaderPort:
         self._port = port
 
     async def run(self) -> None:
-        """Read until cancelled; reopen on failure with capped doubling delay."""
+        """Read until cancelled; reopen on failure with capped, jittered doubling delay."""
         loop = asyncio.get_running_loop()
-        delay = 0.1
+        backoff = Backoff(0.1, max(0.1, self._reopen_max_s))
         while True:
             try:
                 if self._port is None:
@@ -74,16 +75,16 @@ class ReaderPort:
                 self._failed = asyncio.Event()
                 loop.add_reader(self._port.fileno(), self._readable)
                 self._on_state(self.name, True, f"open {self.device}")
-                delay = 0.1
+                backoff.reset()
                 try:
                     await self._failed.wait()
                 finally:
                     self._close(loop)
             except SerialPortError as exc:
                 self._on_state(self.name, False, str(exc))
+            delay = backoff.next()
             self._on_state(self.name, False, f"reopening {self.device} in {delay:.1f}s")
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self._reopen_max_s)
 
     def _readable(self) -> None:
         port = self._port

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
 from agent.central.security import generate_keypair, sign_item
+from agent.service.stats import percentile
 from firmware_bridge import contract as c
 from hw_sim import waybills
 from hw_sim.broker import Mosquitto
@@ -119,13 +120,6 @@ class Truth:
     @property
     def reached(self) -> str:
         return {RELEASE_LANE: "release", INSPECTION_LANE: "inspection"}.get(self.lane_reached or 0, "lost")
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return round(s[min(len(s) - 1, int(q * len(s)))], 2)
 
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -578,7 +572,7 @@ class LineRun:
             "late": sum(t.disposition == "defaulted_no_command" for t in truths),
             # the longest time the controller saw no agent heartbeat while its watchdog was not tripped
             "heartbeat_gap_ms_max": round(self.model.max_hb_gap_s * 1000, 1),
-            "decision_ms": {"p50": _pct(lat, 0.50), "p99": _pct(lat, 0.99), "max": round(max(lat), 2) if lat else None},
+            "decision_ms": {"p50": percentile(lat, 0.50), "p99": percentile(lat, 0.99), "max": percentile(lat, 1.0)},
             "records_published": sum(1 for s in seqs if s in records),
             "expected_release": sum(t.planned.expected_lane == "release" for t in truths),
             "wrong_identity": sum(1 for t in truths if self._wrong_identity(t, records)),

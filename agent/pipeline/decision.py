@@ -15,8 +15,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
-from agent.pipeline.waybill import WaybillCheck, check_code
+from agent.pipeline.waybill import WaybillCheck, check_code, normalize
 
 __all__ = [
     "Decision",
@@ -29,6 +30,13 @@ __all__ = [
     "VerdictLookup",
     "decide",
 ]
+
+
+#: a verdict look-up: found and valid (hit), unknown (miss), past its expiry, unanswered in time,
+#: a malformed answer (invalid), an answer that failed its checks (rejected)
+LookupStatus = Literal["hit", "miss", "expired", "timeout", "invalid", "rejected"]
+#: the image check: passed, flagged a prohibited item, no image arrived, the check failed or was late
+ImageStatus = Literal["pass", "flagged", "missing", "failed"]
 
 
 class LaneClass(enum.StrEnum):
@@ -97,7 +105,7 @@ class ReaderOutcome:
 class VerdictLookup:
     """Result of looking a waybill up in the verdict store (or asking central for it)."""
 
-    status: str  # "hit" | "miss" | "expired" | "timeout"
+    status: LookupStatus
     verdict: str | None = None  # "release" | "inspect" | "hold" when status == "hit"
     verdict_id: str | None = None
 
@@ -107,7 +115,7 @@ class ImageOutcome:
     """Image check result. ``required`` False means advisory/off: it cannot block release."""
 
     required: bool
-    status: str  # "pass" | "flagged" | "missing" | "failed"
+    status: ImageStatus
     detail: str | None = None
 
 
@@ -139,7 +147,7 @@ def distinct_codes(reads: Iterable[ReaderOutcome]) -> list[str]:
     seen: dict[str, None] = {}
     for outcome in reads:
         for raw in outcome.codes:
-            seen.setdefault("".join(raw.split()).upper(), None)
+            seen.setdefault(normalize(raw), None)
     return list(seen)
 
 

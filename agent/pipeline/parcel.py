@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.pipeline.decision import Decision, Mode, ReaderOutcome, VerdictLookup
 from firmware_bridge import contract as c
@@ -16,7 +16,13 @@ from firmware_bridge import contract as c
 if TYPE_CHECKING:  # OpenCV and LiteRT load only on lines that run the image check
     from agent.vision.check import ImageResult
 
-__all__ = ["Parcel", "decision_key"]
+__all__ = ["AckStatus", "Parcel", "decision_key"]
+
+#: what became of the lane command: the controller's acknowledgement (``c.AckCode`` names, lower
+#: case), or not sent because it was too late, or the link failed
+AckStatus = Literal[
+    "none", "accepted", "late", "unknown_seq", "bad_lane", "watchdog", "maintenance", "not_sent_late", "link_error"
+]
 
 
 @dataclass
@@ -34,7 +40,7 @@ class Parcel:
     decision: Decision | None = None
     decided_at: float | None = None
     lane: int | None = None
-    ack: str | None = None
+    ack: AckStatus | None = None  # "none": no acknowledgement in time
     command_at: float | None = None
     line_problems: tuple[str, ...] = ()
     mode: Mode = Mode.NORMAL

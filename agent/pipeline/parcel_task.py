@@ -23,12 +23,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
 from agent.pipeline.decision import DecisionInputs, ImageOutcome, ReaderOutcome, decide, identify
-from agent.pipeline.parcel import Parcel
+from agent.pipeline.parcel import AckStatus, Parcel
 from agent.pipeline.records import decision_part
 from agent.pipeline.state import LaneCommander, LineState, VerdictAsk, VerdictSource
 from firmware_bridge import contract as c
@@ -157,7 +157,7 @@ class ParcelRunner:
             p.ack = "link_error"
             log.error("lane command failed", error=str(exc))
             return
-        p.ack = ack.name.lower()
+        p.ack = cast(AckStatus, ack.name.lower())
         p.command_at = self.clock()
         self.state.metrics.latency((p.command_at - p.last_input_at) * 1000)
         if ack is not c.AckCode.ACCEPTED:

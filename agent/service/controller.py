@@ -2,7 +2,7 @@
 
 One task owns the link's life: connect (identity checked), then poll the status block every
 ``poll_interval_ms``, write the agent heartbeat every ``heartbeat_interval_ms``, and read the trigger
-and result rings whenever their heads move. A lost link is retried with doubling delay up to
+and result rings whenever their heads move. A lost link is retried with jittered doubling delay up to
 ``reconnect_max_s``, logged once at error level and once on recovery; while it is down the line is
 unhealthy (every decision is inspection, and the controller's watchdog does the same on its side).
 A contract mismatch is fatal: it is not retried.
@@ -19,6 +19,7 @@ import structlog
 from agent.config import Config
 from agent.pipeline.pipeline import Pipeline
 from firmware_bridge import contract as c
+from firmware_bridge.backoff import Backoff
 from firmware_bridge.errors import ContractMismatch, LinkError
 from firmware_bridge.modbus_link import ControllerLink
 
@@ -81,7 +82,7 @@ class ControllerSupervisor:
             raise ContractMismatch(f"{self.link.settings.describe()}: " + "; ".join(problems))
 
     async def run(self) -> None:
-        delay = 0.2
+        backoff = Backoff(0.2, max(0.2, self.cfg.controller.reconnect_max_s))
         failing = False
         while True:
             try:
@@ -97,7 +98,7 @@ class ControllerSupervisor:
                 if failing:
                     log.info("controller link recovered")
                 failing = False
-                delay = 0.2
+                backoff.reset()
                 await self._session()
             except ContractMismatch:
                 raise
@@ -112,8 +113,7 @@ class ControllerSupervisor:
                     log.debug("controller still unreachable", error=str(exc))
             self.link.close()
             self.alive = time.monotonic()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.cfg.controller.reconnect_max_s)
+            await asyncio.sleep(backoff.next())
 
     async def _read_results(self, done_up_to: int, head: int) -> int:
         """Hand every result after ``done_up_to`` to the line; returns the new position."""

@@ -4,7 +4,7 @@ sd_notify (READY, STATUS, WATCHDOG, STOPPING) without a dependency:
 
 The notify protocol is one datagram to ``$NOTIFY_SOCKET`` (a path, or ``@`` for the abstract
 namespace). When the unit has ``WatchdogSec=``, systemd sets ``$WATCHDOG_USEC`` and restarts the
-service if no ``WATCHDOG=1`` arrives in time; we ping at half that period from the event loop, so a
+service if no ``WATCHDOG=1`` arrives in time; we ping at a quarter of that period from the event loop, so a
 stuck loop stops the pings. Outside systemd every call is a no-op.
 """
 

@@ -9,7 +9,15 @@ from agent.central import messages
 from agent.config import Config
 from agent.pipeline.state import LineState, Metrics
 
-__all__ = ["StatsReporter"]
+__all__ = ["StatsReporter", "percentile"]
+
+
+def percentile(values: list[float], q: float, digits: int = 2) -> float | None:
+    """The nearest-rank ``q`` quantile (0..1) of ``values``; None when there are none."""
+    if not values:
+        return None
+    s = sorted(values)
+    return round(s[min(len(s) - 1, int(q * len(s)))], digits)
 
 
 class StatsReporter:
@@ -24,7 +32,7 @@ class StatsReporter:
         counters = dict(self.metrics.counters)
         delta = {k: v - before.get(k, 0) for k, v in counters.items()}
         latencies = self.metrics.latencies_ms
-        lat = sorted(latencies[lat_from:])
+        lat = latencies[lat_from:]
         if len(latencies) > 100_000:  # bounded memory; the next interval starts after the cut
             del latencies[:50_000]
         self._mark = (now, counters, len(latencies))
@@ -44,9 +52,7 @@ class StatsReporter:
             "release_ratio": round(released / parcels, 4) if parcels else None,
             "noread_rate": round(delta.get("reason_no_read", 0) / parcels, 4) if parcels else None,
             "decision_ms": {
-                "p50": round(lat[len(lat) // 2], 2) if lat else None,
-                "p99": round(lat[int(len(lat) * 0.99)], 2) if lat else None,
-                "max": round(lat[-1], 2) if lat else None,
+                "p50": percentile(lat, 0.50), "p99": percentile(lat, 0.99), "max": percentile(lat, 1.0),
             },
             "outbox_pending": outbox_pending,
             "problems": list(self.state.problems),

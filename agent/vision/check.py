@@ -130,6 +130,8 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import structlog  # noqa: E402
 
+from agent.pipeline.decision import ImageStatus  # noqa: E402
+
 log = structlog.get_logger("sortgate.vision")
 
 TARGETS = CLASSES[1:]
@@ -137,7 +139,7 @@ TARGETS = CLASSES[1:]
 
 @dataclass(frozen=True)
 class ImageResult:
-    status: str  # "pass" | "flagged" | "missing" | "failed"
+    status: ImageStatus
     top_class: str | None = None
     score: float | None = None
     scores: dict[str, float] | None = None
