@@ -66,7 +66,8 @@ class LinkSettings:
 class ControllerLink:
     def __init__(self, settings: LinkSettings, recorder_frames: int = 64) -> None:
         self.settings = settings
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one transaction at a time on the link
+        self._mailbox = asyncio.Lock()  # one lane command at a time, with its acknowledgement
         self._frames: deque[tuple[float, str, str]] = deque(maxlen=recorder_frames)
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
         self.identity: c.Identity | None = None
@@ -206,20 +207,23 @@ class ControllerLink:
         """Write one lane command and wait for its acknowledgement.
 
         Returns the controller's AckCode, or AckCode.NONE if no acknowledgement arrived in time
-        (the controller will then apply the default lane: safe).
+        (the controller will then apply the default lane: safe). The mailbox holds one command:
+        commands go through it one at a time, each with its acknowledgement, or a second command
+        would overwrite the first's acknowledgement before it is read.
         """
-        await self.write(c.MAILBOX_BASE, [counter, seq, lane])
-        deadline = time.monotonic() + ack_timeout_s
-        while True:
-            regs = await self.read(c.REG_ACK_COUNTER, 3)
-            if regs[0] == counter and regs[1] == seq:
-                try:
-                    return c.AckCode(regs[2])
-                except ValueError:
+        async with self._mailbox:
+            await self.write(c.MAILBOX_BASE, [counter, seq, lane])
+            deadline = time.monotonic() + ack_timeout_s
+            while True:
+                regs = await self.read(c.REG_ACK_COUNTER, 3)
+                if regs[0] == counter and regs[1] == seq:
+                    try:
+                        return c.AckCode(regs[2])
+                    except ValueError:
+                        return c.AckCode.NONE
+                if time.monotonic() >= deadline:
                     return c.AckCode.NONE
-            if time.monotonic() >= deadline:
-                return c.AckCode.NONE
-            await asyncio.sleep(0.002)
+                await asyncio.sleep(0.002)
 
     async def request_mode(self, mode: c.ModeRequest) -> None:
         await self.write(c.REG_MODE_REQUEST, [int(mode)])

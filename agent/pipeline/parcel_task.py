@@ -73,6 +73,10 @@ class ParcelRunner:
         self._cmd_counter = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def continue_from(self, counter: int) -> None:
+        """The next command counter follows ``counter`` (the controller's last acknowledged)."""
+        self._cmd_counter = counter
+
     def start(self, p: Parcel) -> None:
         task = asyncio.create_task(self.run(p), name=f"parcel-{p.seq}")
         self._tasks.add(task)

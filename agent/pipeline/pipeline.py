@@ -45,11 +45,17 @@ class Pipeline:
         # the controller supervisor's entry points
         self.on_trigger = self.intake.on_trigger
         self.on_poll = self.intake.on_poll
-        self.new_session = self.intake.new_session
         self.on_result = self.recorder.on_result
         self.results_lost = self.recorder.results_lost
         self.result_cursor = self.recorder.cursor
         self.poll_now = self.intake.poll_now
+
+    def new_session(self, known_since: float, ack_counter: int) -> None:
+        """A controller session starts: triggers before ``known_since`` may be unknown, and the
+        next lane command continues from the controller's ACK_COUNTER, so that it is always a
+        change (a restarted agent starting again at 1 could repeat the last counter it wrote)."""
+        self.intake.new_session(known_since)
+        self.runner.continue_from(ack_counter)
 
     def set_problems(self, problems: tuple[str, ...]) -> None:
         self.state.set_problems(problems)

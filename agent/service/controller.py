@@ -151,7 +151,7 @@ class ControllerSupervisor:
         trigger_head = status.trigger_head
         # Triggers up to this head are not ours to decide (they default); frames of theirs may still
         # arrive, so the matcher must not take any trigger before this moment as known.
-        self.pipeline.new_session(time.monotonic())
+        self.pipeline.new_session(time.monotonic(), status.ack_counter)
         # Results: continue from the last one recorded durably (results of parcels that left the
         # belt while the agent was down are still in the ring); on a first start, from now.
         cursor = self.pipeline.result_cursor()
