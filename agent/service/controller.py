@@ -56,7 +56,6 @@ class ControllerSupervisor:
         self.pipeline = pipeline
         self.healthy = healthy  # False while a vital task is dead or stuck: no heartbeat then
         self.speed = SpeedEstimator()
-        self.status: c.Status | None = None
         self.connected = asyncio.Event()
         self.alive = time.monotonic()  # the poll loop's last turn (liveness)
 
@@ -171,7 +170,6 @@ class ControllerSupervisor:
             sent = time.monotonic()
             status = await self.link.poll()
             now = time.monotonic()
-            self.status = status
             cps = self.speed.update(now, status.encoder)
             self.pipeline.set_problems(status.problems())
             if status.trigger_head != trigger_head:
