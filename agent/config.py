@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agent.pipeline.waybill import FORMATS
 from agent.vision.config import VisionConfig
+from firmware_bridge.serial_line import SerialLine
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_config"]
 
@@ -68,6 +69,10 @@ class ControllerConfig(_Strict):
         description="Longest time from the photo-eye edge until the controller shows the entry in its trigger ring",
     )
     reconnect_max_s: float = Field(5.0, gt=0, le=300)
+
+    @property
+    def serial_line(self) -> SerialLine:
+        return SerialLine(self.baudrate, self.bytesize, self.parity, self.stopbits)
 
     @model_validator(mode="after")
     def _transport_fields(self) -> ControllerConfig:
@@ -143,6 +148,10 @@ class ReaderConfig(_Strict):
         if self.window_ms[0] >= self.window_ms[1]:
             raise ValueError(f"window_ms: earliest must be below latest, got {list(self.window_ms)}")
         return self
+
+    @property
+    def serial_line(self) -> SerialLine:
+        return SerialLine(self.baudrate, self.bytesize, self.parity, self.stopbits)
 
     @property
     def frame_bytes(self) -> tuple[bytes, bytes]:

@@ -28,6 +28,7 @@ from pymodbus.framer import FramerType
 
 from firmware_bridge import contract as c
 from firmware_bridge.errors import ContractMismatch, LinkError
+from firmware_bridge.serial_line import SerialLine
 
 __all__ = ["ControllerLink", "LinkSettings"]
 
@@ -49,10 +50,7 @@ class LinkSettings:
     host: str | None = "127.0.0.1"
     port: int = 502
     device: str | None = None
-    baudrate: int = 19200
-    bytesize: int = 8
-    parity: str = "E"
-    stopbits: int = 1
+    serial: SerialLine = SerialLine(19200, 8, "E", 1)  # transport = "rtu"
     unit_id: int = 1
     timeout_s: float = 0.25
     inter_frame_gap_s: float = 0.0
@@ -60,7 +58,8 @@ class LinkSettings:
     def describe(self) -> str:
         if self.transport == "tcp":
             return f"modbus-tcp://{self.host}:{self.port}/unit{self.unit_id}"
-        return f"modbus-rtu://{self.device}@{self.baudrate}{self.parity}{self.stopbits}/unit{self.unit_id}"
+        s = self.serial
+        return f"modbus-rtu://{self.device}@{s.baudrate}{s.parity}{s.stopbits}/unit{self.unit_id}"
 
 
 class ControllerLink:
@@ -97,10 +96,10 @@ class ControllerLink:
         return AsyncModbusSerialClient(
             s.device or "",
             framer=FramerType.RTU,
-            baudrate=s.baudrate,
-            bytesize=s.bytesize,
-            parity=s.parity,
-            stopbits=s.stopbits,
+            baudrate=s.serial.baudrate,
+            bytesize=s.serial.bytesize,
+            parity=s.serial.parity,
+            stopbits=s.serial.stopbits,
             timeout=s.timeout_s,
             retries=0,
             reconnect_delay=0,

@@ -17,8 +17,11 @@ import serial
 from firmware_bridge.backoff import Backoff
 from firmware_bridge.errors import SerialPortError
 from firmware_bridge.reader_codec import Event, FrameDecoder
+from firmware_bridge.serial_line import SerialLine
 
 __all__ = ["ReaderPort"]
+
+READER_DEFAULT = SerialLine()  # 9600 8N1, the usual reader setting
 
 _PARITY = {"N": serial.PARITY_NONE, "E": serial.PARITY_EVEN, "O": serial.PARITY_ODD}
 
@@ -31,10 +34,7 @@ class ReaderPort:
         decoder: FrameDecoder,
         on_event: Callable[[str, Event, float], None],
         on_state: Callable[[str, bool, str], None],
-        baudrate: int = 9600,
-        bytesize: int = 8,
-        parity: str = "N",
-        stopbits: int = 1,
+        line: SerialLine = READER_DEFAULT,
         reopen_max_s: float = 5.0,
     ) -> None:
         self.name = name
@@ -43,10 +43,10 @@ class ReaderPort:
         self._on_event = on_event
         self._on_state = on_state
         self._params = {
-            "baudrate": baudrate,
-            "bytesize": bytesize,
-            "parity": _PARITY[parity],
-            "stopbits": stopbits,
+            "baudrate": line.baudrate,
+            "bytesize": line.bytesize,
+            "parity": _PARITY[line.parity],
+            "stopbits": line.stopbits,
         }
         self._reopen_max_s = reopen_max_s
         self._port: serial.Serial | None = None

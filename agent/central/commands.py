@@ -10,6 +10,7 @@ signed by a trusted central key, recent and never obeyed before. The mode is kep
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -58,7 +59,7 @@ class Commands:
         alarms: Alarms,
         mqtt: MqttLink,
         link: ControllerLink,
-        counters: Any,
+        counters: Counter[str],
         set_mode: Callable[[Mode], None],
         status: Callable[[], dict[str, Any]],
         modes: ModeStore,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -78,7 +79,7 @@ class Inbound:
         alarms: Alarms,
         mqtt: MqttLink,
         link: ControllerLink,
-        counters: Any,
+        counters: Counter[str],
         set_mode: Callable[[Mode], None],
         status: Callable[[], dict[str, Any]],
         modes: ModeStore,

@@ -71,8 +71,8 @@ def config_hash(cfg: Config) -> str:
 def link_settings(cfg: Config) -> LinkSettings:
     cc = cfg.controller
     return LinkSettings(
-        transport=cc.transport, host=cc.host, port=cc.port, device=cc.device, baudrate=cc.baudrate,
-        bytesize=cc.bytesize, parity=cc.parity, stopbits=cc.stopbits, unit_id=cc.unit_id,
+        transport=cc.transport, host=cc.host, port=cc.port, device=cc.device, serial=cc.serial_line,
+        unit_id=cc.unit_id,
         timeout_s=cc.timeout_ms / 1000, inter_frame_gap_s=cc.inter_frame_gap_ms / 1000,
     )
 
@@ -194,7 +194,7 @@ class Agent:
                     if r.counter else None,
                 ),
                 on_event=self.pipeline.intake.on_reader_event, on_state=self._reader_state,
-                baudrate=r.baudrate, bytesize=r.bytesize, parity=r.parity, stopbits=r.stopbits,
+                line=r.serial_line,
             )
             for r in cfg.readers
         ]
