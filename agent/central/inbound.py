@@ -90,11 +90,7 @@ class Inbound:
         self.keyring = keyring
         self.alarms = alarms
         self.mqtt = mqtt
-        self.link = link
         self.counters = counters
-        self._set_mode = set_mode
-        self._status = status
-        self.modes = modes
         self.check_signatures = keyring is not None and cfg.verdicts.require_signatures
         self.queue: asyncio.Queue[tuple[str, bytes, MessageMeta]] = asyncio.Queue(maxsize=1000)
         self.bucket = TokenBucket(cfg.mqtt.max_inbound_per_s)
