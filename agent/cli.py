@@ -78,6 +78,10 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
     spec = RunSpec(parcels=args.parcels, rate=args.rate, seed=args.seed, speed_mps=args.speed,
                    readers=args.readers, transport=args.transport, plan=plan, chaos_steps=steps,
                    images=args.images, require_signatures="verdict-flood" in names, **readers)
+    if "verdict-flood" in names:
+        from hw_sim.harness import forged_batches
+
+        spec.forged = forged_batches(plan)
     _, metrics = asyncio.run(run_line(spec))
     metrics = {"bench": "line", "rate": args.rate, "transport": args.transport, "images": args.images, **metrics}
     if args.json:

@@ -76,6 +76,7 @@ class RunSpec:
     controller_overrides: dict[str, Any] = field(default_factory=dict)  # ControllerParams fields
     signing: tuple[str, str] | None = None  # central signs verdicts: (private key b64, key id)
     require_signatures: bool = False  # the agent trusts only central's key (made for the run if unset)
+    forged: list[list[dict[str, Any]]] = field(default_factory=list)  # verdict-flood batches, signed ahead
     # timed faults, (seconds after the first parcel, action): "agent-kill" (SIGKILL), "agent-start",
     # "broker-stop", "broker-start", or a callable run(LineRun) in a worker thread
     chaos_steps: list[tuple[float, Any]] = field(default_factory=list)
@@ -677,15 +678,14 @@ async def run_line(
             run.cleanup()
 
 
-def verdict_flood(run: LineRun) -> None:
-    """Six batches of 3,276 forged verdict items each (about 950 KB in all): signed by a key that is
-    not central's but named as central's, some for real waybills of parcels central said inspect."""
-    assert run.central is not None
+def forged_batches(plan: Plan, key_id: str = "central-1") -> list[list[dict[str, Any]]]:
+    """Six batches of 3,276 forged items, signed before the run (signing them takes the
+    simulator's own CPU, which would otherwise slow its central during the flood, not the agent)."""
     attacker, _ = generate_keypair()
-    key_id = run.spec.signing[1] if run.spec.signing else "central-1"
-    targets = [p.waybill for p in run.plan.parcels if p.verdict == "inspect" and p.waybill]
+    targets = [p.waybill for p in plan.parcels if p.verdict == "inspect" and p.waybill]
     now = datetime.now(UTC)
-    rng = random.Random(run.spec.seed + 7)
+    rng = random.Random(plan.seed + 7)
+    batches = []
     for b in range(6):
         items = []
         for i in range(3276):
@@ -693,6 +693,16 @@ def verdict_flood(run: LineRun) -> None:
             item = {"waybill": waybill, "verdict": "release", "verdict_id": f"forged-{b}-{i}-{rng.random():.6f}",
                     "issued_at": now.isoformat(), "expires_at": (now + timedelta(days=1)).isoformat()}
             items.append(sign_item(item, attacker, key_id))
+        batches.append(items)
+    return batches
+
+
+def verdict_flood(run: LineRun) -> None:
+    """Six batches of 3,276 forged verdict items each (about 950 KB in all): signed by a key that is
+    not central's but named as central's, some for real waybills of parcels central said inspect."""
+    assert run.central is not None
+    key_id = run.spec.signing[1] if run.spec.signing else "central-1"
+    for items in run.spec.forged or forged_batches(run.plan, key_id):
         run.central.push_items(items)
 
 

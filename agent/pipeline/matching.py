@@ -24,15 +24,18 @@ Attachment:
 * With a counter, *aligned*: the frame is attached when the counter's trigger is its only
   candidate (both witnesses agree). At once: no later frame can claim that trigger without
   carrying the same counter (a duplicate, dropped) or disagreeing with one witness. A counter
-  trigger among several candidates: that trigger's read is ``ambiguous``. Any disagreement (a
-  late frame, a restarted reader, a reader whose own photo-eye missed or doubled a parcel) drops
-  the alignment.
-* Without a counter, or not aligned: the frame is attached to its only candidate, but the read is
-  final only when that trigger's window has closed, and a second frame in the same window makes
-  it a ``conflict`` (one of the two is some other parcel's). Several candidates: every one of them
-  is ``ambiguous``. No candidate: an orphan. Byte-identical frames in one window are one read.
-* Alignment is (re)gained from two successive frames that are each their trigger's only
-  candidate and imply the same offset; meanwhile the reader is matched as one without a counter.
+  trigger among several candidates: that trigger's read is ``ambiguous``. A counter lower than
+  the last one is an older cycle's frame (``late``): it ties nothing. Any other disagreement (a
+  restarted reader, a reader whose own photo-eye missed or doubled a parcel) drops the alignment.
+  A frame the witnesses disagree on is tied to nobody but *competes*: every trigger whose window
+  holds it ends as a ``conflict`` unless its own agreeing frame comes.
+* With a counter, *not aligned*: never tied by the clock alone. A frame alone in one window
+  proposes an offset and is held there; the next cycle's frame, alone in its window with the same
+  offset, confirms it: the reader is aligned and both frames are tied (``alignment.py``).
+* Without a counter: the frame is attached to its only candidate, but the read is final only when
+  that trigger's window has closed, and a second frame in the same window makes it a ``conflict``
+  (one of the two is some other parcel's). Several candidates: every one of them is
+  ``ambiguous``. No candidate: an orphan. Byte-identical frames in one window are one read.
 * A trigger whose window closes with no frame attached has ``timed_out`` for that source.
 
 A source whose frames keep failing to match (``FAULT_RUN`` orphans, disagreements, conflicts or

@@ -15,7 +15,7 @@ from agent.config import Config
 from agent.pipeline.intake import Intake
 from agent.pipeline.parcel_task import ParcelRunner
 from agent.pipeline.recorder import Recorder
-from agent.pipeline.state import AlarmSink, LaneCommander, LineState, VerdictAsk, VerdictSource
+from agent.pipeline.state import AlarmSink, LaneCommander, LineState, Metrics, VerdictAsk, VerdictSource
 
 if TYPE_CHECKING:  # OpenCV and LiteRT load only on lines that run the image check
     from agent.vision.check import VisionCheck
@@ -34,8 +34,9 @@ class Pipeline:
         config_hash: str,
         vision: VisionCheck | None = None,
         ask: VerdictAsk | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        self.state = LineState(cfg, alarms)
+        self.state = LineState(cfg, alarms, metrics or Metrics())
         self.recorder = Recorder(self.state, publisher, config_hash)
         self.intake = Intake(self.state, vision, start_parcel=lambda p: self.runner.start(p))
         self.runner = ParcelRunner(

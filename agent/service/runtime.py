@@ -156,9 +156,8 @@ class Agent:
         )
         self.pipeline = Pipeline(
             cfg, self.alarms, self.link, self.verdicts, self.publisher, self.hash, self.vision,
-            ask=self.inbound.ask if cfg.verdicts.lookup else None,
+            ask=self.inbound.ask if cfg.verdicts.lookup else None, metrics=self.metrics,
         )
-        self.pipeline.state.metrics = self.metrics
         self.pipeline.state.mode = self.modes.mode  # a restart never loosens the mode
         self.image_source: FolderSource | CaptureSource | None = None
         if self.vision is not None:

@@ -14,7 +14,7 @@ import pytest
 
 from agent.central.security import generate_keypair, sign_item
 from hw_sim.broker import Mosquitto
-from hw_sim.harness import LineRun, RunSpec, run_line, verdict_flood
+from hw_sim.harness import LineRun, RunSpec, forged_batches, run_line, verdict_flood
 from hw_sim.plan import Mix, make_plan
 
 pytestmark = pytest.mark.integration
@@ -168,16 +168,17 @@ async def test_a_signature_flood_cannot_stall_the_line(broker: Mosquitto, line_n
     genuine releases are released, nothing forged is believed, and the flood is alarmed."""
     plan = make_plan(80, rate=5, seed=34, mix=CLEAN)
     spec = RunSpec(plan=plan, line=line_name, rate=5, require_signatures=True, push_fraction=0.7,
-                   chaos_steps=[(4.0, verdict_flood)])
+                   forged=forged_batches(plan), chaos_steps=[(4.0, verdict_flood)])
     run, m = await run_line(spec, broker=broker, keep=True)
     try:
         assert run.central is not None
         assert m["heartbeat_gap_ms_max"] < 200, m
         assert m["wrongly_released"] == 0 and m["late"] == 0
-        assert m["released"] == m["expected_release"] > 0
+        assert m["released"] == m["expected_release"] > 0, m["needless_inspections"]
         kinds = {(a["alarm"], a.get("reason")) for a in run.central.alarms}
         assert ("inbound_flood", "items") in kinds, kinds
-        assert ("verdict_rejected", "bad_signature") in kinds, kinds
+        assert any(k == "verdict_rejected" for k, _ in kinds), kinds  # one event per 10 s, any reason
+        assert '"reason": "bad_signature"' in run.agent_log.read_text()  # forged items did reach the check
     finally:
         run.cleanup()
 
