@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.config import ConfigError, load_config
+from agent.config import Config, ConfigError, load_config
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -20,11 +20,49 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         for p in exc.problems:
             print(f"  {p}", file=sys.stderr)
         return 2
+    errors, warnings = _environment(cfg, args.config)
+    for w in warnings:
+        print(f"{args.config}: warning: {w}", file=sys.stderr)
+    if errors:
+        print(f"{len(errors)} problem(s) in {args.config}:", file=sys.stderr)
+        for e in errors:
+            print(f"  {args.config}: {e}", file=sys.stderr)
+        return 2
     print(
         f"{args.config}: OK — site {cfg.line.site}, line {cfg.line.line}, "
-        f"controller {cfg.controller.transport}, {len(cfg.readers)} reader(s), {len(cfg.lanes)} lanes"
+        f"controller {cfg.controller.transport}, {len(cfg.readers)} reader(s), {len(cfg.lanes)} lanes, "
+        f"broker {cfg.mqtt.host}:{cfg.mqtt.port}"
     )
     return 0
+
+
+def _environment(cfg: Config, path: Path) -> tuple[list[str], list[str]]:
+    """What check-config can check beyond the file: (problems, warnings). Creates nothing."""
+    import os
+    import tomllib
+
+    errors: list[str] = []
+    warnings: list[str] = []
+    if "mqtt" not in tomllib.loads(path.read_text(encoding="utf-8")):
+        errors.append("[mqtt] is missing: the agent would look for a broker on 127.0.0.1:1883; say where it is")
+    state = Path(cfg.storage.state_dir)
+    existing = next((p for p in (state, *state.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        errors.append(f"storage.state_dir: {state} cannot be written (nearest existing: {existing})")
+    devices = [(f"readers[{i}].device", r.device) for i, r in enumerate(cfg.readers)]
+    if cfg.controller.transport == "rtu" and cfg.controller.device:
+        devices.append(("controller.device", cfg.controller.device))
+    for key, device in devices:
+        if not os.path.exists(device):
+            warnings.append(f"{key}: {device} does not exist (yet: a udev name appears when the device is plugged)")
+    if cfg.vision.mode != "off":
+        from agent.vision.check import Classifier, ModelError
+
+        try:
+            Classifier(cfg.vision.model)  # loads and checks the model; starts nothing, writes nothing
+        except ModelError as exc:
+            errors.append(f"vision.model: {exc}")
+    return errors, warnings
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

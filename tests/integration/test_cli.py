@@ -62,3 +62,37 @@ def test_unusable_state_dir_stops_start_up_with_the_key(tmp_path: Path) -> None:
     r = sortgate("run", "--config", str(cfg))
     assert r.returncode == 2
     assert "storage.state_dir" in r.stderr and str(blocker) in r.stderr
+
+
+def test_check_config_checks_what_it_can_beyond_the_file(tmp_path: Path) -> None:
+    """The OK line names the broker; a missing device is a warning (a udev name may appear later);
+    no [mqtt], an unwritable state_dir or a model that does not load are problems (exit 2)."""
+    good = tmp_path / "good.toml"
+    text = EXAMPLE.read_text().replace('state_dir = "/var/lib/sortgate"', f'state_dir = "{tmp_path}/state"')
+    good.write_text(text)
+    r = sortgate("check-config", str(good))
+    assert r.returncode == 0, r.stderr
+    assert "broker mqtt.hub.example:1883" in r.stdout
+    assert "warning: readers[0].device: /dev/sortgate-reader-top does not exist" in r.stderr
+    assert not (tmp_path / "state").exists()  # checked, not created
+
+    no_mqtt = tmp_path / "no-mqtt.toml"
+    start, end = text.index("[mqtt]"), text.index("# [mqtt.tls]")
+    no_mqtt.write_text(text[:start] + text[end:])
+    r = sortgate("check-config", str(no_mqtt))
+    assert r.returncode == 2 and "[mqtt] is missing" in r.stderr
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    stuck = tmp_path / "stuck.toml"
+    stuck.write_text(text.replace(f'state_dir = "{tmp_path}/state"', f'state_dir = "{blocker}/state"'))
+    r = sortgate("check-config", str(stuck))
+    assert r.returncode == 2 and "storage.state_dir" in r.stderr
+
+    broken = tmp_path / "model.tflite"
+    broken.write_bytes(b"not a model")
+    vision = tmp_path / "vision.toml"
+    vision.write_text(text.replace('mode = "off"', 'mode = "required"', 1)
+                      .replace('model = "/opt/sortgate/models/xray_int8.tflite"', f'model = "{broken}"', 1))
+    r = sortgate("check-config", str(vision))
+    assert r.returncode == 2 and "vision.model" in r.stderr
