@@ -50,7 +50,7 @@ from hw_sim.broker import Mosquitto
 from hw_sim.central import Central
 from hw_sim.controller import ControllerModel, ControllerParams, Tracked, run_cycle, serve_rtu, serve_tcp
 from hw_sim.plan import Plan, PlannedParcel, make_plan
-from hw_sim.reader_faults import BOOT_GARBAGE, RESTART_S, ReaderModel, pick_faults, plan_cycles
+from hw_sim.reader_faults import BOOT_GARBAGE, RESTART_S, pick_faults, plan_cycles
 from hw_sim.readers import SIM_COUNTER, NullModem, SimReader
 
 RELEASE_LANE, INSPECTION_LANE = 2, 1
@@ -232,7 +232,6 @@ class LineRun:
         self.readers = [
             SimReader(f"reader{i + 1}", *self._framing(), counter=counter) for i in range(spec.readers)
         ]
-        self.reader_model = ReaderModel()
         self.fault_plan = dict(spec.fault_plan) or pick_faults(
             len(self.plan.parcels), spec.readers, spec.reader_faults, spec.fault_rate, spec.seed
         )

@@ -36,7 +36,7 @@ from agent.pipeline.decision import DecisionInputs, ReaderOutcome, VerdictLookup
 from agent.pipeline.matching import Capture, Matcher, Note, Outcome, SourceSpec, capture_interval
 from agent.pipeline.waybill import FORMATS
 from hw_sim import waybills
-from hw_sim.reader_faults import FAULTS, RESTART_S, plan_cycles
+from hw_sim.reader_faults import FAULTS, RESTART_S, TUNNEL, plan_cycles
 
 POLL_S = 0.004
 RTT_S = 0.0005
@@ -216,7 +216,7 @@ class IdentityRun:
             return
         if p.lead < self.reader_down_until[name]:
             return
-        processing = rng.uniform(0.003, 0.008)
+        processing = rng.uniform(TUNNEL.processing_ms[0] / 1000, TUNNEL.processing_ms[1] / 1000)
         passing = p.trail - p.lead
         pitch = 0.15  # for the delay fault: roughly the next parcel's
         cycles = plan_cycles(codes, passing, processing, pitch, passing + pitch, fault, rng)

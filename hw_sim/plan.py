@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass, field
 
 from hw_sim import waybills
+from hw_sim.reader_faults import TUNNEL
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def make_plan(
         else:
             codes = (code,)
         # each reader's processing after its reading gate closes (the parcel's trailing edge)
-        decode = tuple(rng.uniform(3.0, 8.0) for _ in range(readers))
+        decode = tuple(rng.uniform(*TUNNEL.processing_ms) for _ in range(readers))
         parcels.append(
             PlannedParcel(
                 index=i,

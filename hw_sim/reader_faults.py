@@ -45,6 +45,10 @@ class ReaderModel:
     processing_ms: tuple[float, float] = (3.0, 8.0)
 
 
+#: the simulator's readers (plans and the identity simulation draw their processing times from it)
+TUNNEL = ReaderModel()
+
+
 @dataclass(frozen=True)
 class Cycle:
     """One read cycle: a frame (or none) sent ``at`` seconds after the parcel's trigger."""
