@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agent.pipeline.waybill import FORMATS
 from agent.vision.config import VisionConfig
+from firmware_bridge.reader_codec import CounterFormat
 from firmware_bridge.serial_line import SerialLine
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_config"]
@@ -152,6 +153,11 @@ class ReaderConfig(_Strict):
     @property
     def serial_line(self) -> SerialLine:
         return SerialLine(self.baudrate, self.bytesize, self.parity, self.stopbits)
+
+    @property
+    def counter_format(self) -> CounterFormat | None:
+        c = self.counter
+        return CounterFormat(c.position, c.separator, c.width, c.modulus) if c else None
 
     @property
     def frame_bytes(self) -> tuple[bytes, bytes]:

@@ -48,7 +48,7 @@ from agent.service.health import SystemdNotifier, Vitals
 from agent.service.stats import StatsReporter
 from firmware_bridge.errors import ContractMismatch
 from firmware_bridge.modbus_link import ControllerLink, LinkSettings
-from firmware_bridge.reader_codec import CounterFormat, FrameDecoder
+from firmware_bridge.reader_codec import FrameDecoder
 from firmware_bridge.serial_port import ReaderPort
 
 if TYPE_CHECKING:
@@ -187,11 +187,7 @@ class Agent:
         self.readers = [
             ReaderPort(
                 r.name, r.device,
-                FrameDecoder(
-                    *r.frame_bytes, r.noread, r.multi_read_delimiter, r.max_frame_bytes,
-                    CounterFormat(r.counter.position, r.counter.separator, r.counter.width, r.counter.modulus)
-                    if r.counter else None,
-                ),
+                FrameDecoder(*r.frame_bytes, r.noread, r.multi_read_delimiter, r.max_frame_bytes, r.counter_format),
                 on_event=self.pipeline.intake.on_reader_event, on_state=self._reader_state,
                 line=r.serial_line,
             )
