@@ -117,26 +117,22 @@ class Intake:
 
     def on_reader_event(self, reader: str, event: Event, t: float) -> None:
         if isinstance(event, FramingError):
-            self.state.metrics.counters[f"reader_error_{event.kind}"] += 1
+            self.state.metrics.count(f"reader_error_{event.kind}")
             log.warning(
                 "reader framing error, skipped", reader=reader, kind=event.kind,
                 detail=event.detail, bytes=event.preview(),
             )
             return
-        self._apply(self.matcher.add_frame(reader, event, t, event.counter))
-        if self.matcher.holding():
-            self.poll_now.set()  # a frame waits to learn which triggers exist: look now
+        self._offer(reader, event, t, event.counter)
 
     def on_image(self, image: Any, t: float) -> None:
         """An X-ray image (a file path or a frame) from the image source."""
         if self.image_seq is None:
-            self._apply(self.matcher.add_frame(IMAGE_SOURCE, image, t))
-            if self.matcher.holding():
-                self.poll_now.set()
+            self._offer(IMAGE_SOURCE, image, t, None)
             return
         m = self.image_seq.search(Path(image).name) if isinstance(image, str) else None
         if m is None:
-            self.state.metrics.counters["image_orphans"] += 1
+            self.state.metrics.count("image_orphans")
             log.warning("image name carries no trigger sequence; not used", image=str(image))
             self._discard(image)
             return
@@ -147,9 +143,15 @@ class Intake:
             return
         self._attach_image(p, image, t)
 
+    def _offer(self, source: str, item: Any, t: float, counter: int | None) -> None:
+        """An input for the matcher; if it waits to learn which triggers exist, poll at once."""
+        self._apply(self.matcher.add_frame(source, item, t, counter))
+        if self.matcher.holding():
+            self.poll_now.set()
+
     def _attach_image(self, p: Parcel, image: Any, t: float) -> None:
         if p.decision is not None or p.image_done:
-            self.state.metrics.counters["image_late"] += 1
+            self.state.metrics.count("image_late")
             log.warning("image arrived after the parcel was decided; not used", seq=p.seq, image=str(image))
             self._discard(image)
             return
@@ -178,7 +180,7 @@ class Intake:
         for seq, (image, t) in list(self._early_images.items()):
             if now - t > 1.0:
                 del self._early_images[seq]
-                self.state.metrics.counters["image_orphans"] += 1
+                self.state.metrics.count("image_orphans")
                 log.warning("image matched no parcel", seq=seq, image=str(image))
                 self._discard(image)
 
@@ -224,14 +226,14 @@ class Intake:
 
     def _note(self, note: Note) -> None:
         if note.kind == "aligned":
-            self.state.metrics.counters[f"reader_aligned_{note.source}"] += 1
+            self.state.metrics.count(f"reader_aligned_{note.source}")
             log.info("reader counter aligned", reader=note.source, detail=note.detail)
             return
         if note.kind in ("unmatched", "matched"):
             self.state.alarms.condition("reader_unmatched", note.kind == "unmatched",
                                         f"reader {note.source}: {note.detail}", subject=note.source)
             return
-        self.state.metrics.counters[f"reader_{note.kind}"] += 1
+        self.state.metrics.count(f"reader_{note.kind}")
         if note.source == IMAGE_SOURCE:
             if note.payload is not None:
                 self._discard(note.payload)
