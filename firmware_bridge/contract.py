@@ -1,4 +1,4 @@
-"""The sortgate controller contract, version 1: register map and codec (no I/O).
+"""The sortgate controller contract, version 1.1: register map and codec (no I/O).
 
 Every register is a Modbus holding register (read with FC3, written with FC6/FC16), addressed
 from 0 on the wire (``40001`` in 1-based PLC notation is address 0). 32-bit values take two
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 CONTRACT_MAJOR = 1
-CONTRACT_MINOR = 0
+CONTRACT_MINOR = 1  # 1.1 adds CTRL_BOOT (28); a 1.0 controller reads 0 there
 MAGIC = 0x5347  # "SG"
 
 # --- identity (read-only) ---------------------------------------------------------------
@@ -59,6 +59,7 @@ REG_ACK_CODE = 24
 REG_LANE_FULL_BITS = 25
 REG_WATCHDOG_TRIPS = 26
 REG_DEFAULTED_COUNT = 27
+REG_CTRL_BOOT = 28  # 1.1: changes at every start of the controller program; 0 = not provided
 
 # --- agent area (writable) --------------------------------------------------------------
 AGENT_BASE = 32
@@ -125,6 +126,9 @@ class Disposition(enum.IntEnum):
     JAMMED = 7
 
 
+DISPOSITIONS = frozenset(int(d) for d in Disposition)
+
+
 class ModeRequest(enum.IntEnum):
     NORMAL = 0
     MAINTENANCE = 1
@@ -154,6 +158,14 @@ def seq_distance(old: int, new: int) -> int:
     if old == 0:
         return new  # nothing seen yet
     return (new - old) % 0xFFFF
+
+
+def seq_went_back(old: int, new: int) -> bool:
+    """A head that moved backwards: only a controller restart does that (heads never decrease
+    otherwise; a forward step of more than half the sequence space is read as a step back)."""
+    if old == 0 or new == old:
+        return False
+    return new == 0 or seq_distance(old, new) > 0x7FFF
 
 
 def encoder_delta(old: int, new: int) -> int:
@@ -252,6 +264,7 @@ class Status:
     watchdog_trips: int
     defaulted_count: int
     agent_heartbeat: int  # echo of the agent area, so a restarted agent continues the count
+    boot: int = 0  # CTRL_BOOT (contract 1.1); 0 from a 1.0 controller
 
     @classmethod
     def decode(cls, regs: Sequence[int]) -> Status:
@@ -271,6 +284,7 @@ class Status:
             watchdog_trips=at(REG_WATCHDOG_TRIPS),
             defaulted_count=at(REG_DEFAULTED_COUNT),
             agent_heartbeat=at(REG_AGENT_HEARTBEAT),
+            boot=at(REG_CTRL_BOOT),
         )
 
     def problems(self) -> tuple[str, ...]:

@@ -146,6 +146,29 @@ class Outbox:
 
         await self.db.write(prune)
 
+    async def set_cursors(self, values: dict[str, int]) -> None:
+        """Set cursors durably, in one transaction."""
+
+        def upsert(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN")
+            try:
+                conn.executemany(
+                    "INSERT INTO cursors(name, value) VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                    list(values.items()),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        await self.db.write(upsert)
+
+    def pending_decisions(self) -> list[tuple[str, bytes]]:
+        """Decisions whose record is not yet in the outbox, oldest first: (key, body)."""
+        rows = self.db.read("SELECT key, body FROM decisions ORDER BY created")
+        return [(str(k), bytes(b)) for k, b in rows]
+
     def cursor(self, name: str) -> int | None:
         rows = self.db.read("SELECT value FROM cursors WHERE name = ?", (name,))
         return int(rows[0][0]) if rows else None

@@ -69,6 +69,7 @@ class Intake:
         if vision is not None and self.image_seq is None:
             sources.append(SourceSpec(IMAGE_SOURCE, 0.0, cfg.vision.window_ms / 1000, "leading_edge"))
         self.max_parcel_m = cfg.line.max_parcel_mm / 1000
+        self._sources = sources
         self.matcher = Matcher(sources, max_pass_s=1.0)
         self.publish_s = cfg.controller.trigger_publish_ms / 1000
         self.trigger_hooks: list[Callable[[], None]] = []  # e.g. a capture source grabbing a frame
@@ -80,6 +81,13 @@ class Intake:
         seen (they were in the ring before this session read its head)."""
         self.matcher.new_session(known_since)
         self._trailing.clear()
+
+    def forget(self) -> None:
+        """The controller restarted: its sequences start again, so nothing known about the old
+        ones (triggers, windows, reader counter alignments, early images) may touch a new one."""
+        self.matcher = Matcher(self._sources, max_pass_s=1.0)
+        self._trailing.clear()
+        self._early_images.clear()
 
     def on_trigger(
         self, entry: c.TriggerEntry, encoder_now: int, speed_cps: float, now: float, captured_after: float
@@ -121,6 +129,9 @@ class Intake:
             log.warning(
                 "reader framing error, skipped", reader=reader, kind=event.kind,
                 detail=event.detail, bytes=event.preview(),
+            )
+            self.state.alarms.event(
+                "reader_framing_error", f"reader {reader}: {event.kind}: {event.detail}", subject=reader
             )
             return
         self._offer(reader, event, t, event.counter)

@@ -49,6 +49,8 @@ class Pipeline:
         self.on_result = self.recorder.on_result
         self.results_lost = self.recorder.results_lost
         self.result_cursor = self.recorder.cursor
+        self.controller_boot = self.recorder.boot
+        self.mark_results = self.recorder.mark
         self.poll_now = self.intake.poll_now
 
     def new_session(self, known_since: float, ack_counter: int) -> None:
@@ -57,6 +59,15 @@ class Pipeline:
         change (a restarted agent starting again at 1 could repeat the last counter it wrote)."""
         self.intake.new_session(known_since)
         self.runner.continue_from(ack_counter)
+
+    async def controller_restarted(self, boot: int) -> int:
+        """The controller restarted (power cycle, program restart): no command may reach a new
+        parcel that carries an old parcel's sequence number, so every parcel task ends first;
+        then each parcel in flight gets its record (``no_result``), and all that was known about
+        the old sequences is forgotten. Returns how many parcels were recorded so."""
+        await self.runner.stop()
+        self.intake.forget()
+        return self.recorder.controller_restarted(boot)
 
     def set_problems(self, problems: tuple[str, ...]) -> None:
         self.state.set_problems(problems)

@@ -41,6 +41,35 @@ class Recorder:
         """The last result-ring sequence already turned into a record (None on a first start)."""
         return self.publisher.outbox.cursor("results")
 
+    def boot(self) -> int | None:
+        """CTRL_BOOT of the controller whose results the cursor counts (None: not known)."""
+        return self.publisher.outbox.cursor("controller_boot")
+
+    def mark(self, rseq: int, boot: int) -> None:
+        """Results of controller boot ``boot`` are recorded up to ``rseq``: durable, in order with
+        the records queued before it (a first start marks where it began, so that parcels passing
+        while a killed agent is down still get their records from the ring)."""
+        self._jobs.put_nowait(RecordJob("", "", b"", cursor=("results", rseq), boot=boot))
+
+    def controller_restarted(self, boot: int) -> int:
+        """The controller forgot every parcel it tracked: each one in flight (in memory, or decided
+        by an earlier agent run and on disk) gets its record now, ``no_result``, and results count
+        again from the start of the new boot. Returns how many parcels were recorded so."""
+        keys = set()
+        for seq, p in list(self.state.parcels.items()):
+            del self.state.parcels[seq]
+            keys.add(p.key)
+            self._queue(seq, p.trigger.encoder, p.part, result_part(None), None, p.key)
+        for key, body in self.publisher.outbox.pending_decisions():
+            seq_s, _, encoder_s = key.partition(":")
+            if key in keys or not (seq_s.isdigit() and encoder_s.isdigit()):
+                continue
+            keys.add(key)
+            self._queue(int(seq_s), int(encoder_s), messages.loads(body), result_part(None), None, key)
+        self.state.metrics.count("result_missing", len(keys))
+        self.mark(0, boot)
+        return len(keys)
+
     def results_lost(self, n: int) -> None:
         self.state.metrics.count("results_lost", n)
         log.error("result ring overrun: parcels left without a record", missed=n)
@@ -105,15 +134,21 @@ class Recorder:
             while True:
                 self.alive = time.monotonic()
                 try:
-                    await self.publisher.put(
-                        job.record_id, messages.topic(root, job.leaf), job.payload,
-                        cursor=job.cursor, done_decision=job.done_decision,
-                    )
+                    await self._commit(job, root)
                     self._stored()
                     break
                 except Exception as exc:  # noqa: BLE001 - OutboxFull, a disk error: any failure stops releases
                     self._store_failed(exc)
                     await asyncio.sleep(0.5)
+
+    async def _commit(self, job: RecordJob, root: str) -> None:
+        if job.boot is not None and job.cursor is not None:  # a mark, no message
+            await self.publisher.outbox.set_cursors({job.cursor[0]: job.cursor[1], "controller_boot": job.boot})
+            return
+        await self.publisher.put(
+            job.record_id, messages.topic(root, job.leaf), job.payload,
+            cursor=job.cursor, done_decision=job.done_decision,
+        )
 
     def _stored(self) -> None:
         s = self.state

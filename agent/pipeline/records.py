@@ -30,6 +30,7 @@ class RecordJob:
     payload: bytes
     cursor: tuple[str, int] | None = None
     done_decision: str | None = None
+    boot: int | None = None  # a mark only (no payload): results count from ``cursor`` in this controller boot
 
 
 def decision_part(p: Parcel, readers: Sequence[str], model_version: str | None) -> dict[str, Any]:

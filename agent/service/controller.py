@@ -25,6 +25,14 @@ from firmware_bridge.modbus_link import ControllerLink
 
 log = structlog.get_logger("sortgate.controller")
 
+#: CTRL_HEARTBEAT changes at least every 100 ms while the controller program runs (contract 3.2);
+#: unchanged this long, the program has halted although Modbus still answers.
+FROZEN_S = 1.0
+
+
+class ControllerRestarted(LinkError):
+    """The controller's sequences started again (CTRL_BOOT changed, or a ring head went back)."""
+
 
 class SpeedEstimator:
     """Belt speed in encoder counts per second, from successive (time, encoder) samples."""
@@ -58,6 +66,10 @@ class ControllerSupervisor:
         self.speed = SpeedEstimator()
         self.connected = asyncio.Event()
         self.alive = time.monotonic()  # the poll loop's last turn (liveness)
+        # what this process last saw of the controller, to notice a restart between sessions
+        self._boot: int | None = None
+        self._heads: tuple[int, int] | None = None  # (trigger head, result head reached)
+        self._hb = (-1, 0.0)  # CTRL_HEARTBEAT and when it last changed
 
     def check_identity(self, ident: c.Identity) -> None:
         """Refuse a controller whose constants do not fit this line's config."""
@@ -101,6 +113,11 @@ class ControllerSupervisor:
                 await self._session()
             except ContractMismatch:
                 raise
+            except ControllerRestarted as exc:
+                self.connected.clear()
+                log.warning("controller restarted; starting a new session", why=str(exc))
+                self.link.close()
+                continue  # at once: the new session settles the parcels in flight
             except LinkError as exc:
                 self.connected.clear()
                 self.pipeline.set_problems(("controller_offline",))
@@ -114,6 +131,53 @@ class ControllerSupervisor:
             self.alive = time.monotonic()
             await asyncio.sleep(backoff.next())
 
+    def _restart_reason(self, status: c.Status) -> str | None:
+        """Why the controller must have restarted since we last saw it (None: it has not)."""
+        boot = self._boot if self._boot is not None else self.pipeline.controller_boot()
+        if status.boot and boot and status.boot != boot:
+            return f"CTRL_BOOT {boot} -> {status.boot}"
+        trigger_head, result_head = self._heads or (0, self.pipeline.result_cursor() or 0)
+        if c.seq_went_back(result_head, status.result_head):
+            return f"RESULT_HEAD went back from {result_head} to {status.result_head}"
+        if c.seq_went_back(trigger_head, status.trigger_head):
+            return f"TRIGGER_HEAD went back from {trigger_head} to {status.trigger_head}"
+        return None
+
+    def _check_restart(self, status: c.Status, trigger_head: int, result_head: int) -> None:
+        self._heads = (trigger_head, result_head)
+        why = self._restart_reason(status)
+        if why is not None:
+            raise ControllerRestarted(why)
+
+    async def _resume(self, status: c.Status) -> int:
+        """Where this session's results start. After a controller restart, every parcel in flight
+        gets its record first and results count from the new boot's first; on a first start the
+        position is marked durably at once, so that parcels passing while a killed agent is down
+        still get their records from the ring."""
+        why = self._restart_reason(status)
+        self._boot = status.boot
+        if why is not None:
+            n = await self.pipeline.controller_restarted(status.boot)
+            log.warning("controller restarted: parcels in flight recorded without a result", why=why, parcels=n)
+            self.pipeline.state.alarms.event("controller_restarted", f"{why}; {n} parcels in flight had no result")
+            self._heads = (0, 0)
+            return 0
+        if self._heads is not None:  # a reconnect within this process: what it already read
+            return self._heads[1]
+        cursor = self.pipeline.result_cursor()
+        if cursor is None or self.pipeline.controller_boot() != status.boot:
+            cursor = status.result_head if cursor is None else cursor
+            self.pipeline.mark_results(cursor, status.boot)
+        return cursor
+
+    def _frozen(self, ctrl_heartbeat: int, now: float) -> tuple[str, ...]:
+        """CTRL_HEARTBEAT unchanged for FROZEN_S: the controller program is not running."""
+        value, since = self._hb
+        if ctrl_heartbeat != value:
+            self._hb = (ctrl_heartbeat, now)
+            return ()
+        return ("controller_frozen",) if now - since > FROZEN_S else ()
+
     async def _read_results(self, done_up_to: int, head: int) -> int:
         """Hand every result after ``done_up_to`` to the line; returns the new position."""
         rseqs = c.ring_entries_between(done_up_to, head, c.RESULT_RING_LEN)
@@ -122,8 +186,14 @@ class ControllerSupervisor:
             self.pipeline.results_lost(missed)
         entries = await self.link.read_results(rseqs)
         for rseq in rseqs:
-            if rseq in entries:
-                self.pipeline.on_result(entries[rseq])
+            entry = entries.get(rseq)
+            if entry is None:
+                continue
+            if entry.seq == 0 or entry.disposition not in c.DISPOSITIONS:
+                self.pipeline.state.metrics.count("results_malformed")
+                log.error("malformed result entry ignored", rseq=rseq, seq=entry.seq, disposition=entry.disposition)
+                continue
+            self.pipeline.on_result(entry)
         return head
 
     async def _measure_speed(self) -> c.Status:
@@ -147,14 +217,11 @@ class ControllerSupervisor:
         poll_s = cc.poll_interval_ms / 1000
         hb_s = cc.heartbeat_interval_ms / 1000
         status = await self._measure_speed()
+        result_head = await self._resume(status)
         trigger_head = status.trigger_head
         # Triggers up to this head are not ours to decide (they default); frames of theirs may still
         # arrive, so the matcher must not take any trigger before this moment as known.
         self.pipeline.new_session(time.monotonic(), status.ack_counter)
-        # Results: continue from the last one recorded durably (results of parcels that left the
-        # belt while the agent was down are still in the ring); on a first start, from now.
-        cursor = self.pipeline.result_cursor()
-        result_head = status.result_head if cursor is None else cursor
         hb = status.agent_heartbeat  # continue from the register: the first write is a change
         next_hb = 0.0
         prev_sent = time.monotonic()
@@ -171,7 +238,8 @@ class ControllerSupervisor:
             status = await self.link.poll()
             now = time.monotonic()
             cps = self.speed.update(now, status.encoder)
-            self.pipeline.set_problems(status.problems())
+            self._check_restart(status, trigger_head, result_head)
+            self.pipeline.set_problems(status.problems() + self._frozen(status.ctrl_heartbeat, now))
             if status.trigger_head != trigger_head:
                 seqs = c.ring_entries_between(trigger_head, status.trigger_head, c.TRIGGER_RING_LEN)
                 if c.seq_distance(trigger_head, status.trigger_head) > len(seqs):
@@ -184,6 +252,7 @@ class ControllerSupervisor:
                 trigger_head = status.trigger_head
             if status.result_head != result_head:
                 result_head = await self._read_results(result_head, status.result_head)
+            self._heads = (trigger_head, result_head)
             self.pipeline.on_poll(sent, now, prev_sent, status.encoder, cps)
             prev_sent = sent
             # the next poll at the interval, or at once when an input waits for it
