@@ -97,14 +97,14 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_line(args: argparse.Namespace) -> int:
-    from hw_sim.harness import RunSpec, chaos_steps, run_line
+    from hw_sim import chaos
+    from hw_sim.harness import RunSpec, run_line
     from hw_sim.plan import Mix, make_plan
 
     mix = Mix(hidden_item=0.06) if args.images else Mix()
     plan = make_plan(args.parcels, args.rate, args.seed, args.speed, args.readers, mix=mix)
-    names = [n for n in (args.chaos or "").split(",") if n]
     try:
-        steps = chaos_steps(names, plan.duration_s)
+        names = [f.name for f in chaos.parse(args.chaos)] if args.chaos else []
     except ValueError as exc:
         print(f"sortgate bench line: {exc}", file=sys.stderr)
         return 2
@@ -114,7 +114,7 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
         print(f"sortgate bench line: {exc}", file=sys.stderr)
         return 2
     spec = RunSpec(parcels=args.parcels, rate=args.rate, seed=args.seed, speed_mps=args.speed,
-                   readers=args.readers, transport=args.transport, plan=plan, chaos_steps=steps,
+                   readers=args.readers, transport=args.transport, plan=plan, chaos=names,
                    images=args.images, require_signatures="verdict-flood" in names, **readers)
     if "verdict-flood" in names:
         from hw_sim.harness import forged_batches
@@ -245,6 +245,12 @@ def _line_args(p: argparse.ArgumentParser, parcels: int, rate: float) -> None:
                    help="readers send no trigger counter (frames are tied by their time windows alone)")
 
 
+def chaos_names() -> list[str]:
+    from hw_sim.chaos import FAULTS  # standard library only: cheap
+
+    return list(FAULTS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sortgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -268,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("line", help="the whole line against hw_sim; figures on the simulator side")
     _line_args(b, parcels=2000, rate=10.0)
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--chaos", default="", help="faults during the run: agent-kill,broker-restart,verdict-flood")
+    b.add_argument("--chaos", default="", help="faults during the run, spread over it: a comma-separated list of "
+                   + ", ".join(chaos_names()) + "; or all")
     b.add_argument("--images", action="store_true",
                    help="X-ray images with the image check required; 6%% of parcels hide a prohibited item")
     b.set_defaults(func=_cmd_bench_line)

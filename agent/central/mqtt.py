@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,9 @@ class MqttLink:
         self.connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_connected: Callable[[], None] | None = None
+        # the link's state as people need it: (up, what is wrong), once per change
+        self.on_state: Callable[[bool, str], None] = lambda up, detail: None
+        self._failing = False  # paho thread: a failure streak is under way (diagnosed once)
         self.on_publish_error: Callable[[str, str], None] = lambda topic, error: None
         self.stopping = False
         c = mqtt.Client(
@@ -85,6 +89,7 @@ class MqttLink:
         if username is not None:
             c.username_pw_set(username, password)
         c.on_connect = self._cb_connect
+        c.on_connect_fail = self._cb_connect_fail
         c.on_disconnect = self._cb_disconnect
         c.on_message = self._cb_message
         c.on_publish = self._cb_publish
@@ -154,14 +159,35 @@ class MqttLink:
 
     def _cb_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
-            self._call(functools.partial(log.error, "mqtt connect refused", reason=str(rc)))
+            # paho retries on its own (reconnect_on_failure); say so once per streak
+            self._fail(f"broker {self.host}:{self.port} refused the connection: {rc}")
             return
+        self._failing = False
         for leaf in ("verdicts", "verdicts/answer", "cmd"):
             client.subscribe(messages.topic(self.root, leaf), qos=1)
         client.publish(
             messages.topic(self.root, "status"), json.dumps(self._birth()), qos=1, retain=True
         )
         self._call(self._set_connected, True)
+
+    def _cb_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        if not self._failing:
+            self._fail(f"cannot connect to broker {self.host}:{self.port}: {self._diagnose()}")
+
+    def _diagnose(self) -> str:
+        """Why the broker cannot be reached (paho does not say): resolve and try the port once."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1.0):
+                return "the port answers now; the MQTT handshake failed"
+        except OSError as exc:
+            return str(exc) or type(exc).__name__
+
+    def _fail(self, detail: str) -> None:
+        first = not self._failing
+        self._failing = True
+        if first:
+            self._call(functools.partial(log.error, "mqtt link failing; retrying", detail=detail))
+            self._call(self.on_state, False, detail)
 
     def _cb_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         self._call(self._set_connected, False, str(rc))
@@ -170,12 +196,15 @@ class MqttLink:
         if up and not self.connected.is_set():
             log.info("mqtt connected", broker=f"{self.host}:{self.port}")
             self.connected.set()
+            self.on_state(True, f"connected to broker {self.host}:{self.port}")
             if self.on_connected:
                 self.on_connected()
         elif not up and self.connected.is_set():
             level = log.info if self.stopping else log.error
             level("mqtt disconnected", broker=f"{self.host}:{self.port}", reason=reason)
             self.connected.clear()
+            if not self.stopping:
+                self.on_state(False, f"disconnected from broker {self.host}:{self.port}: {reason}")
 
     def _cb_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)

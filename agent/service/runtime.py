@@ -144,6 +144,7 @@ class Agent:
         )
         self.publisher = OutboxPublisher(self.outbox, self._publish)
         self.mqtt.on_connected = self.publisher.on_connected
+        self.mqtt.on_state = self._mqtt_state
         self.alarms = Alarms(cfg.line.site, cfg.line.line, self._alarm_sink)
         try:
             self.modes = ModeStore(state)
@@ -208,7 +209,7 @@ class Agent:
     def _status_info(self) -> dict[str, Any]:
         return {
             **self._birth(),
-            "problems": list(self.pipeline.state.problems),
+            "problems": self.problems(),
             "alarms": [{"alarm": k, "subject": s, "detail": d} for (k, s), d in self.alarms.active.items()],
             "outbox_pending": self.outbox.count(),
             "outbox_published": self.publisher.published,
@@ -218,6 +219,20 @@ class Agent:
             "reader_bytes": {r.name: r.bytes_in for r in self.readers},
             "counters": dict(self.metrics.counters),
         }
+
+    def problems(self) -> list[str]:
+        """Everything wrong now: the line's problems (any of them sends every parcel to
+        inspection), then the other active alarm conditions (``kind`` or ``kind:subject``), such
+        as a reader or the MQTT link offline."""
+        out = list(self.pipeline.state.problems)
+        for kind, subject in self.alarms.active:
+            name = f"{kind}:{subject}" if subject else kind
+            if name not in out:
+                out.append(name)
+        return out
+
+    def _mqtt_state(self, up: bool, detail: str) -> None:
+        self.alarms.condition("mqtt_offline", not up, detail)
 
     def _set_mode(self, mode: Mode) -> None:
         self.pipeline.state.mode = mode
@@ -244,6 +259,8 @@ class Agent:
             if name in self._reader_up or not up:
                 self.alarms.condition("reader_offline", not up, detail, subject=name)
             self._reader_up[name] = up
+        elif not up:  # each reopen attempt, so that a technician sees the agent trying
+            log.info("reader still offline", reader=name, detail=detail)
 
     # --- tasks --------------------------------------------------------------------------
     async def _housekeeping(self) -> None:
@@ -271,7 +288,7 @@ class Agent:
 
     def _publish_stats(self) -> None:
         if self.mqtt.connected.is_set():
-            stats = self.stats.report(time.monotonic(), self.outbox.count())
+            stats = self.stats.report(time.monotonic(), self.outbox.count(), self.problems())
             self.mqtt.publish(messages.topic(self.cfg.topic_root, "stats"), messages.dumps(stats), qos=0)
 
     async def run(self) -> None:
@@ -315,13 +332,15 @@ class Agent:
         # "controller offline" (and the controller defaults every parcel meanwhile).
         link = self.link.settings.describe()
         self.notifier.ready(f"waiting for controller {link}")
+        shown = ""
         while True:
-            await self.supervisor.connected.wait()
-            self.notifier.status(f"controller {link} connected")
-            while self.supervisor.connected.is_set():  # noqa: ASYNC110 - a status line, twice a second is plenty
-                await asyncio.sleep(0.5)
-            self.notifier.status(f"controller {link} offline; reconnecting")
-
+            text = f"controller {link} " + ("connected" if self.supervisor.connected.is_set() else "offline")
+            problems = self.problems()
+            text += f"; problems: {', '.join(problems)}" if problems else "; line healthy"
+            if text != shown:
+                self.notifier.status(text)
+                shown = text
+            await asyncio.sleep(0.5)
 
     def _on_signal(self, stop: asyncio.Event) -> None:
         """SIGTERM/SIGINT: stop cleanly, and in any case within STOP_HARD_S (a stuck shutdown must

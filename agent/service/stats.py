@@ -27,7 +27,8 @@ class StatsReporter:
         self.cfg, self.metrics, self.state = cfg, metrics, state
         self._mark: tuple[float, dict[str, int], int] = (time.monotonic(), {}, 0)
 
-    def report(self, now: float, outbox_pending: int) -> dict[str, Any]:
+    def report(self, now: float, outbox_pending: int, problems: list[str]) -> dict[str, Any]:
+        """``problems``: everything wrong now (the line's and the agent's links)."""
         t0, before, lat_from = self._mark
         counters = dict(self.metrics.counters)
         delta = {k: v - before.get(k, 0) for k, v in counters.items()}
@@ -55,7 +56,7 @@ class StatsReporter:
                 "p50": percentile(lat, 0.50), "p99": percentile(lat, 0.99), "max": percentile(lat, 1.0),
             },
             "outbox_pending": outbox_pending,
-            "problems": list(self.state.problems),
+            "problems": problems,
             "mode": self.state.mode.value,
             "counters": counters,
         }
