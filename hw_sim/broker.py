@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -35,14 +36,38 @@ class Mosquitto:
     """A mosquitto process on 127.0.0.1:<port>, with persistence in a private folder."""
 
     def __init__(
-        self, port: int | None = None, extra_conf: str = "", tls: tuple[str, str, str] | None = None
+        self, port: int | None = None, extra_conf: str = "", tls: tuple[str, str, str] | None = None,
+        passwords: dict[str, str] | None = None,
     ) -> None:
-        """``tls``: (cafile, certfile, keyfile) makes the listener TLS with client certificates."""
+        """``tls``: (cafile, certfile, keyfile) makes the listener TLS with client certificates.
+        ``passwords``: user -> password; a client that gives a user name must give its password
+        (clients without one stay anonymous)."""
         self.port = port or free_port()
         self.tls = tls
         self.dir = Path(tempfile.mkdtemp(prefix="sortgate-mosq-"))
         self.extra_conf = extra_conf
+        self.passwords = dict(passwords or {})
         self.proc: subprocess.Popen[bytes] | None = None
+        if passwords:
+            self._write_passwords()
+
+    def _write_passwords(self) -> None:
+        tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+        path = self.dir / "passwords"
+        path.write_text("")
+        path.chmod(0o600)
+        for user, password in self.passwords.items():
+            subprocess.run([tool, "-b", str(path), user, password], check=True, capture_output=True)
+
+    def set_password(self, user: str, password: str) -> None:
+        """Change a user's password in the file (the broker reads it at start or reload)."""
+        self.passwords[user] = password
+        self._write_passwords()
+
+    def reload(self) -> None:
+        """SIGHUP: the broker reads its password file again; connected clients stay."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def start(self, timeout_s: float = 10.0) -> Mosquitto:
         conf = self.dir / "mosquitto.conf"
@@ -59,7 +84,8 @@ class Mosquitto:
                 if self.tls else ""
             )
             + "allow_anonymous true\n"
-            "persistence true\n"
+            + (f"password_file {self.dir / 'passwords'}\n" if self.passwords else "")
+            + "persistence true\n"
             f"persistence_location {self.dir}/\n"
             "max_queued_messages 100000\n"
             f"{self.extra_conf}\n"
@@ -85,6 +111,11 @@ class Mosquitto:
                 self.proc.kill()
                 self.proc.wait()
 
+    def close(self) -> None:
+        """Stop, and remove the private folder."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     def restart(self) -> None:
         self.stop()
         self.start()
@@ -99,5 +130,4 @@ class Mosquitto:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.close()

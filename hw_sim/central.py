@@ -143,6 +143,12 @@ class Central:
             item = sign_item(item, *self.signing)
         return item
 
+    def records_by_parcel(self) -> dict[tuple[int, int], dict[str, Any]]:
+        """Records keyed by the parcel's identity on the line: (trigger seq, trigger encoder). Unlike
+        the sequence alone, this stays unique across a controller restart (sequences start again)."""
+        with self._lock:
+            return {(r["seq"], int(r["record_id"].rsplit(":", 1)[1])): r for r in self.records.values()}
+
     def records_by_seq(self) -> dict[int, dict[str, Any]]:
         with self._lock:
             return {r["seq"]: r for r in self.records.values()}

@@ -14,6 +14,7 @@ lane photo-eyes saw into the result ring. Time is injected (``clock``) so tests 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,8 +67,6 @@ class ControllerModel:
     def __init__(self, params: ControllerParams, clock: Callable[[], float] = time.monotonic) -> None:
         self.p = params
         self.clock = clock
-        self.t0 = clock()
-        self.regs = [0] * (c.LAST_ADDRESS + 1)
         ident = c.Identity(
             magic=c.MAGIC,
             contract_major=params.contract_major,
@@ -82,8 +81,28 @@ class ControllerModel:
             decision_distance_counts=round(params.decision_distance_m * params.counts_per_metre),
             default_lane=params.default_lane,
         )
-        self.regs[c.ID_BASE : c.ID_BASE + c.ID_LEN] = ident.encode()
         self.identity = ident
+        self.max_hb_gap_s = 0.0  # the longest time between two agent heartbeats (watchdog not tripped)
+        self.gate_fires: list[tuple[float, int]] = []  # maintenance fires (t, gate)
+        self.faults: set[str] = set()  # e.g. {"gate_stuck"}
+        self.on_command: Callable[[Tracked, c.AckCode], None] | None = None
+        # far-side faults: a halted program (Modbus still answers, frozen registers), exception
+        # answers, answers that come too late
+        self.halted = False
+        self.answer: str = "normal"  # "normal" | "exception" | "slow"
+        self.slow_s = 0.0
+        self.boot = 0
+        self.power_up()
+
+    def power_up(self) -> list[Tracked]:
+        """The documented power-up state (docs/controller-contract.md, 4.6): registers 0 but the
+        identity and a new CTRL_BOOT, heads 0 and sequences from 1, the mailbox and the agent area
+        0, WATCHDOG_TRIPPED set, the encoder from 0, tracking empty. Returns the parcels it forgot."""
+        forgotten = list(self.tracked.values()) if hasattr(self, "tracked") else []
+        self.t0 = self.clock()
+        self.regs = [0] * (c.LAST_ADDRESS + 1)
+        self.regs[c.ID_BASE : c.ID_BASE + c.ID_LEN] = self.identity.encode()
+        self.boot = c.next_seq(self.boot or random.randrange(1, 0xFFFF))
         self.status = c.StatusBit.BELT_RUNNING | c.StatusBit.WATCHDOG_TRIPPED  # no agent yet
         self.tracked: dict[int, Tracked] = {}
         self.trigger_seq = 0
@@ -92,11 +111,11 @@ class ControllerModel:
         self._last_hb_change = self.clock()
         self._last_cmd_counter = 0
         self.watchdog_trips = 0
-        self.max_hb_gap_s = 0.0  # the longest time between two agent heartbeats (watchdog not tripped)
         self.defaulted = 0
-        self.gate_fires: list[tuple[float, int]] = []  # maintenance fires (t, gate)
-        self.faults: set[str] = set()  # e.g. {"gate_stuck"}
-        self.on_command: Callable[[Tracked, c.AckCode], None] | None = None
+        self.halted = False
+        self.answer = "normal"
+        self._write_status(self.clock())
+        return forgotten
 
     # --- physics ------------------------------------------------------------------------
     def encoder_at(self, t: float) -> int:
@@ -111,6 +130,8 @@ class ControllerModel:
     # --- controller cycle ---------------------------------------------------------------
     def tick(self) -> None:
         """One scan cycle: heartbeat, watchdog, status registers."""
+        if self.halted:
+            return  # the program does not run: every register keeps its last value
         now = self.clock()
         hb = self.regs[c.REG_AGENT_HEARTBEAT]
         if hb != self._last_hb_value:
@@ -146,13 +167,18 @@ class ControllerModel:
         r[c.REG_RESULT_HEAD] = self.result_seq
         r[c.REG_WATCHDOG_TRIPS] = self.watchdog_trips & 0xFFFF
         r[c.REG_DEFAULTED_COUNT] = self.defaulted & 0xFFFF
+        r[c.REG_CTRL_BOOT] = self.boot
 
     def set_fault_bits(self, bits: c.StatusBit, on: bool) -> None:
         self.status = (self.status | bits) if on else (self.status & ~bits)
         self._write_status(self.clock())
 
     # --- photo-eye at the scan point ----------------------------------------------------
-    def trigger(self, length_mm: int) -> Tracked:
+    def trigger(self, length_mm: int) -> Tracked | None:
+        """The scan-point photo-eye: track the parcel (None: the program is not running, and the
+        parcel, never tracked, takes the default lane through the unpowered gates)."""
+        if self.halted:
+            return None
         now = self.clock()
         self.tick()
         self.trigger_seq = c.next_seq(self.trigger_seq)
@@ -176,7 +202,7 @@ class ControllerModel:
             self.regs[a] = v & 0xFFFF
         if c.REG_AGENT_HEARTBEAT in span or c.REG_MODE_REQUEST in span or c.REG_MAINT_FIRE_GATE in span:
             self.tick()
-        if c.REG_CMD_COUNTER in span:
+        if c.REG_CMD_COUNTER in span and not self.halted:
             self._mailbox()
         return None
 
@@ -214,10 +240,25 @@ class ControllerModel:
             self.on_command(tracked, ack)
 
     # --- decision point and lane photo-eyes ---------------------------------------------
-    def decision_point(self, seq: int) -> Tracked:
+    def halt(self, halted: bool) -> None:
+        """The program stops (registers freeze, nothing is tracked or steered) or runs again;
+        running again, its watchdog timer starts afresh, as a PLC's timers do."""
+        self.halted = halted
+        if not halted:
+            self._last_hb_change = self.clock()
+            self._last_hb_value = self.regs[c.REG_AGENT_HEARTBEAT]
+
+    def knows(self, t: Tracked) -> bool:
+        """Still tracked (a restart forgets every parcel; a halted program steers none)."""
+        return not self.halted and self.tracked.get(t.seq) is t
+
+    def decision_point(self, t: Tracked) -> Tracked:
         """The parcel reaches the gates: steer it. Returns the tracked parcel."""
+        if not self.knows(t):  # forgotten: no gate fires for it, it takes the default lane
+            if not t.decided:
+                t.lane_reached = self.p.default_lane
+            return t
         self.tick()
-        t = self.tracked[seq]
         t.decided = True
         unhealthy = self.status & (
             c.StatusBit.ESTOP | c.StatusBit.JAM | c.StatusBit.LANE_FULL | c.StatusBit.MAINTENANCE
@@ -241,10 +282,14 @@ class ControllerModel:
             t.lane_reached = t.steered_lane
         return t
 
-    def lane_exit(self, seq: int) -> c.ResultEntry:
-        """The lane photo-eye sees the parcel: write the result ring."""
+    def lane_exit(self, t: Tracked) -> c.ResultEntry | None:
+        """The lane photo-eye sees the parcel: write the result ring (None: a parcel the
+        controller forgot gets no result)."""
+        if not self.knows(t):
+            return None
         self.tick()
-        t = self.tracked.pop(seq)
+        seq = t.seq
+        del self.tracked[seq]
         disposition = t.disposition
         if t.lane_reached != t.steered_lane:
             disposition = c.Disposition.MISSORTED
@@ -270,6 +315,10 @@ class ControllerModel:
             current: list[int],
             set_values: list[int] | list[bool] | None,
         ) -> ExcCodes | None:
+            if self.answer == "exception":
+                return ExcCodes.DEVICE_FAILURE
+            if self.answer == "slow":
+                await asyncio.sleep(self.slow_s)
             if set_values is not None:
                 return self.on_write(address, [int(v) for v in set_values])
             self.tick()

@@ -24,6 +24,7 @@ import asyncio
 import base64
 import collections
 import functools
+import logging
 import os
 import random
 import shutil
@@ -45,6 +46,7 @@ from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from agent.central.security import generate_keypair, sign_item
 from agent.service.stats import percentile
 from firmware_bridge import contract as c
+from hw_sim import chaos as faults
 from hw_sim import waybills
 from hw_sim.broker import Mosquitto
 from hw_sim.central import Central
@@ -80,6 +82,8 @@ class RunSpec:
     # timed faults, (seconds after the first parcel, action): "agent-kill" (SIGKILL), "agent-start",
     # "broker-stop", "broker-start", or a callable run(LineRun) in a worker thread
     chaos_steps: list[tuple[float, Any]] = field(default_factory=list)
+    # named far-side faults (hw_sim.chaos), spread over the run; reported per fault
+    chaos: list[str] = field(default_factory=list)
     push_fraction: float = 1.0  # share of known verdicts pushed ahead; the rest only by look-up
     images: bool = False  # a scanner writes each parcel's X-ray image; the agent's check is required
     vision_extra: str = ""  # extra keys for the agent's [vision] table (tests)
@@ -112,6 +116,12 @@ class Truth:
         return max([self.tracked.t_trigger, *self.t_frames, *([self.t_image] if self.t_image else [])])
 
     @property
+    def key(self) -> tuple[int, int]:
+        """The parcel's identity on the line, as its record carries it ((0, -1), which no record
+        has, for a parcel the controller never tracked)."""
+        return (self.tracked.seq, self.tracked.encoder) if self.tracked else (0, -1)
+
+    @property
     def decision_ms(self) -> float | None:
         t = self.tracked
         if t is None or t.t_cmd is None or self.last_input is None:
@@ -127,7 +137,7 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 def agent_config(spec: RunSpec, *, controller: str, readers: list[SimReader], mqtt_port: int, state_dir: Path,
-                 scan_dir: Path | None = None) -> str:
+                 scan_dir: Path | None = None, mqtt_auth: tuple[str, Path] | None = None) -> str:
     vision = ""
     if spec.images:
         vision = f"""
@@ -196,6 +206,7 @@ state_dir = "{state_dir}"
 [mqtt]
 host = "127.0.0.1"
 port = {mqtt_port}
+{f'username = "{mqtt_auth[0]}"{chr(10)}password_file = "{mqtt_auth[1]}"' if mqtt_auth else ""}
 
 [logging]
 level = "{spec.agent_log_level}"
@@ -230,7 +241,8 @@ class LineRun:
         )
         counter = SIM_COUNTER if spec.reader_counter else None
         self.readers = [
-            SimReader(f"reader{i + 1}", *self._framing(), counter=counter) for i in range(spec.readers)
+            SimReader(f"reader{i + 1}", *self._framing(), counter=counter, link=self.dir / f"reader{i + 1}.tty")
+            for i in range(spec.readers)
         ]
         self.fault_plan = dict(spec.fault_plan) or pick_faults(
             len(self.plan.parcels), spec.readers, spec.reader_faults, spec.fault_rate, spec.seed
@@ -252,6 +264,17 @@ class LineRun:
         self.scan_dir.mkdir()
         self._render = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xray-render") if spec.images else None
         self._scans = 0
+        self.state_dir = self.dir / "state"
+        self.faults = faults.parse(",".join(spec.chaos)) if spec.chaos else []
+        self.injected: list[faults.Injected] = []
+        needs = {f.needs for f in self.faults}
+        self.mqtt_user, self.mqtt_password = "sortgate", "agent-secret"
+        self.mqtt_auth = "auth" in needs
+        if self.mqtt_auth and broker is not None:
+            raise ValueError("broker-auth needs the run's own broker (with a password file)")
+        self._tmpfs = faults.Tmpfs(self.state_dir) if "tmpfs" in needs else None
+        self.server: ModbusTcpServer | ModbusSerialServer | None = None
+        self.controller_port = 0
 
     def _framing(self) -> tuple[bytes, bytes]:
         return (b"\x02", b"\x03") if self.spec.framing == "stx_etx" else (b"", b"\r\n")
@@ -270,6 +293,7 @@ class LineRun:
             rtu = await serve_rtu(self.model, modem.a, baudrate=115200, parity="N")
             return rtu, f'transport = "rtu"\ndevice = "{modem.b}"\nbaudrate = 115200\nparity = "N"', modem
         tcp, port = await serve_tcp(self.model)
+        self.controller_port = port
         return tcp, f'transport = "tcp"\nhost = "127.0.0.1"\nport = {port}', None
 
     def start_agent(self) -> None:
@@ -302,12 +326,16 @@ class LineRun:
     # --- the run ------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        if self.broker is None:
-            self.broker = Mosquitto().start()
+        # the simulated controller's side: connections the chaos closes are expected, not news
+        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+        auth = self._prepare()
+        assert self.broker is not None
         server, controller_toml, modem = await self._start_controller()
+        self.server = server
         cycle = asyncio.create_task(run_cycle(self.model), name="plc-cycle")
         config = agent_config(self.spec, controller=controller_toml, readers=self.readers,
-                              mqtt_port=self.broker.port, state_dir=self.dir / "state", scan_dir=self.scan_dir)
+                              mqtt_port=self.broker.port, state_dir=self.state_dir, scan_dir=self.scan_dir,
+                              mqtt_auth=auth)
         if self.spec.require_signatures:
             config += self._trust_central()
         self.config_path.write_text(config)
@@ -341,13 +369,30 @@ class LineRun:
             await self.stop_agent()
             if self.central:
                 self.central.stop()
-            await server.shutdown()  # type: ignore[no-untyped-call]
+            if self.server is not None:
+                await self.server.shutdown()  # type: ignore[no-untyped-call]
             if modem:
                 modem.close()
             for r in self.readers:
                 r.close()
             if self._own_broker and self.broker:
-                self.broker.stop()
+                self.broker.close()
+            if self._tmpfs is not None:
+                self._tmpfs.unmount()
+
+    def _prepare(self) -> tuple[str, Path] | None:
+        """The broker (with the agent's password when a fault needs one) and the state folder
+        (a tmpfs that can be filled, for disk-full). Returns the agent's MQTT user and password file."""
+        if self.broker is None:
+            passwords = {self.mqtt_user: self.mqtt_password} if self.mqtt_auth else None
+            self.broker = Mosquitto(passwords=passwords).start()
+        if self._tmpfs is not None:
+            self._tmpfs.mount()
+        if not self.mqtt_auth:
+            return None
+        secret = self.dir / "mqtt.password"
+        secret.write_text(self.mqtt_password + "\n")
+        return self.mqtt_user, secret
 
     def _trust_central(self) -> str:
         """Central signs with a key the agent trusts: the config lines that say so."""
@@ -363,13 +408,45 @@ class LineRun:
         keys.write_text(f"{self.spec.signing[1]} {public}\n")
         return f'\n[verdicts]\nrequire_signatures = true\ntrusted_keys_file = "{keys}"\n'
 
+    async def _faults(self, t0: float) -> None:
+        """The named faults, one after the other, at their times."""
+        loop = asyncio.get_running_loop()
+        for at, fault in faults.schedule(self.faults, self.plan.duration_s):
+            await asyncio.sleep(max(0.0, t0 + at - loop.time()))
+            inj = faults.Injected(fault, loop.time() - t0, time.time())
+            self.injected.append(inj)
+            self.chaos_log.append((round(inj.at_s, 2), fault.name))
+            await fault.run(self)
+            inj.end_wall = time.time()
+
+    def drop_controller_connections(self) -> None:
+        """The controller closes every client connection (a PLC's comms module resetting)."""
+        server = self.server
+        for conn in list(getattr(server, "active_connections", {}).values()):
+            conn.close()
+
+    async def controller_power_cycle(self, off_s: float) -> None:
+        """Power off (no Modbus, nothing tracked), then the documented power-up state."""
+        assert self.spec.transport == "tcp", "power cycles are simulated on Modbus TCP"
+        if self.server is not None:
+            await self.server.shutdown()  # type: ignore[no-untyped-call]
+            self.server = None
+        self.model.halt(True)
+        await asyncio.sleep(off_s)
+        self.model.power_up()
+        self.server, _ = await serve_tcp(self.model, port=self.controller_port)
+
     async def _chaos(self, t0: float) -> None:
         """Run the timed faults. Blocking steps run in a thread so the belt keeps moving."""
         loop = asyncio.get_running_loop()
+        if self.faults:
+            await self._faults(t0)
         for at, action in sorted(self.spec.chaos_steps, key=lambda step: step[0]):
             await asyncio.sleep(max(0.0, t0 + at - loop.time()))
             self.chaos_log.append((round(loop.time() - t0, 2), getattr(action, "__name__", action)))
-            if callable(action):
+            if asyncio.iscoroutinefunction(action):
+                await action(self)
+            elif callable(action):
                 await asyncio.to_thread(action, self)
             elif action == "agent-kill":
                 await asyncio.to_thread(self.kill_agent, True)
@@ -422,13 +499,17 @@ class LineRun:
         truth.tracked = tracked
         noise = self.spec.reader_noise.get(p.index)
         for r, (reader, decode_ms) in enumerate(zip(self.readers, p.decode_ms, strict=True)):
-            self._read_cycles(truth, r, reader, decode_ms, noise)
+            self._read_cycles(truth, r, reader, decode_ms, noise)  # the readers read it anyway
+        if tracked is None:  # the controller program is not running: never tracked
+            truth.lane_reached, truth.disposition = INSPECTION_LANE, "untracked"
+            loop.call_later(self.model.exit_delay_s(), self._untracked_exit, done)
+            return
         fault = self.spec.image_faults.get(p.index)
         if self._render is not None and fault != "missing":
             image = self._render.submit(_scan_png, p.index + 1_000_000_000, p.item or "clean")
             delay = p.scan_ms / 1000 if fault != "late" else self.model.decision_delay_s() + 0.1
             loop.call_later(delay, self._export_image, truth, image)
-        loop.call_later(self.model.decision_delay_s(), self.model.decision_point, tracked.seq)
+        loop.call_later(self.model.decision_delay_s(), self.model.decision_point, tracked)
         loop.call_later(self.model.exit_delay_s(), self._exit, truth, done)
 
     def _read_cycles(self, truth: Truth, r: int, reader: SimReader, decode_ms: float, noise: bytes | None) -> None:
@@ -492,11 +573,18 @@ class LineRun:
         os.rename(tmp, final)
         truth.t_image = time.monotonic()
 
+    def _untracked_exit(self, done: asyncio.Future[None]) -> None:
+        self.exited += 1
+        done.set_result(None)
+
     def _exit(self, truth: Truth, done: asyncio.Future[None]) -> None:
         assert truth.tracked is not None
-        entry = self.model.lane_exit(truth.tracked.seq)
-        truth.lane_reached = entry.lane_reached
-        truth.disposition = entry.disposition_name
+        entry = self.model.lane_exit(truth.tracked)
+        if entry is None:  # forgotten by a controller restart: where its gate (or none) sent it
+            truth.lane_reached, truth.disposition = truth.tracked.lane_reached, "forgotten"
+        else:
+            truth.lane_reached = entry.lane_reached
+            truth.disposition = entry.disposition_name
         self.exited += 1
         done.set_result(None)
 
@@ -506,7 +594,8 @@ class LineRun:
         if self.agent is None or self.agent.poll() is not None:
             timeout_s = 3.0  # a dead agent publishes nothing more; give in-flight records a moment
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and len(self.central.records) < len(self.truth):  # noqa: ASYNC110
+        tracked = sum(t.tracked is not None for t in self.truth)
+        while time.monotonic() < deadline and len(self.central.records) < tracked:  # noqa: ASYNC110
             await asyncio.sleep(0.1)  # records arrive on paho's thread; a bounded poll is simplest
 
     async def _progress(self) -> None:
@@ -549,8 +638,8 @@ class LineRun:
     def _compute(self) -> dict[str, Any]:
         assert self.central is not None
         truths = [t for t in self.truth if t.tracked is not None]
-        seqs = {t.tracked.seq for t in truths if t.tracked}
-        records = self.central.records_by_seq()
+        keys = {t.key for t in truths}
+        records = self.central.records_by_parcel()
         lat = [t.decision_ms for t in truths if t.decision_ms is not None]
         m: dict[str, Any] = {
             "parcels": len(truths),
@@ -573,7 +662,7 @@ class LineRun:
             # the longest time the controller saw no agent heartbeat while its watchdog was not tripped
             "heartbeat_gap_ms_max": round(self.model.max_hb_gap_s * 1000, 1),
             "decision_ms": {"p50": percentile(lat, 0.50), "p99": percentile(lat, 0.99), "max": percentile(lat, 1.0)},
-            "records_published": sum(1 for s in seqs if s in records),
+            "records_published": sum(1 for k in keys if k in records),
             "expected_release": sum(t.planned.expected_lane == "release" for t in truths),
             "wrong_identity": sum(1 for t in truths if self._wrong_identity(t, records)),
             "needless_inspections": self._needless(truths, records),
@@ -588,27 +677,33 @@ class LineRun:
             clean_release = [t for t in truths if t.planned.expected_lane == "release" and not t.planned.item]
             m["image_false_alarms"] = sum(
                 1 for t in clean_release if t.tracked and "image_flagged" in
-                (records.get(t.tracked.seq, {}).get("decision") or {}).get("reasons", [])
+                (records.get(t.key, {}).get("decision") or {}).get("reasons", [])
             )
             m["image_missing_or_failed"] = sum(
-                1 for t in truths if t.tracked and (records.get(t.tracked.seq, {}).get("image") or {}).get("status")
+                1 for t in truths if t.tracked and (records.get(t.key, {}).get("image") or {}).get("status")
                 in ("missing", "failed")
             )
-        if self.spec.chaos_steps:
+        if self.spec.chaos_steps or self.faults:
             unique = m["records_published"]
             m["records_unique"] = unique
             m["records_lost"] = m["parcels"] - unique
             m["duplicates"] = self.central.duplicates
             m["agent_starts"] = self.agent_starts
-            m["chaos"] = [f"{t}s {a}" for t, a in self.chaos_log]
+            m["chaos"] = (
+                faults.report(self.injected, list(self.central.alarms)) if self.faults
+                else [f"{t}s {a}" for t, a in self.chaos_log]
+            )
+            # parcels the controller never tracked (its program was off), or forgot (a restart)
+            m["untracked"] = sum(t.disposition == "untracked" for t in self.truth)
+            m["forgotten"] = sum(t.disposition == "forgotten" for t in truths)
         self.metrics = m  # the agent process's own figures are added when it ends
         return m
 
-    def _wrong_identity(self, truth: Truth, records: dict[int, dict[str, Any]]) -> bool:
+    def _wrong_identity(self, truth: Truth, records: dict[tuple[int, int], dict[str, Any]]) -> bool:
         """The record of this parcel names a code that is not printed on it but on another parcel."""
         if truth.tracked is None:
             return False
-        rec = records.get(truth.tracked.seq)
+        rec = records.get((truth.tracked.seq, truth.tracked.encoder))
         if rec is None:
             return False
         own = set(truth.planned.codes)
@@ -622,13 +717,13 @@ class LineRun:
         return {code for p in self.plan.parcels for code in p.codes}
 
     @staticmethod
-    def _needless(truths: list[Truth], records: dict[int, dict[str, Any]]) -> dict[str, int]:
+    def _needless(truths: list[Truth], records: dict[tuple[int, int], dict[str, Any]]) -> dict[str, int]:
         """Parcels that deserved release but were inspected, per reason in their records."""
         causes: collections.Counter[str] = collections.Counter()
         for t in truths:
             if t.planned.expected_lane != "release" or t.reached == "release" or t.tracked is None:
                 continue
-            decision = (records.get(t.tracked.seq) or {}).get("decision") or {}
+            decision = (records.get(t.key) or {}).get("decision") or {}
             for reason in decision.get("reasons") or [f"no_decision_{t.disposition}"]:
                 causes[reason] += 1
         return dict(sorted(causes.items()))
@@ -703,23 +798,3 @@ def verdict_flood(run: LineRun) -> None:
     key_id = run.spec.signing[1] if run.spec.signing else "central-1"
     for items in run.spec.forged or forged_batches(run.plan, key_id):
         run.central.push_items(items)
-
-
-CHAOS: dict[str, list[tuple[float, float, Any]]] = {
-    # SIGKILL the agent at 30% of the run; systemd restarts it (RestartSec=1)
-    "agent-kill": [(0.30, 0.0, "agent-kill"), (0.30, 1.0, "agent-start")],
-    # stop mosquitto at 60% of the run and start it again 2 s later
-    "broker-restart": [(0.60, 0.0, "broker-stop"), (0.60, 2.0, "broker-start")],
-    # forged signed verdict batches at 40% of the run (the agent checks signatures)
-    "verdict-flood": [(0.40, 0.0, verdict_flood)],
-}
-
-
-def chaos_steps(names: list[str], duration_s: float) -> list[tuple[float, Any]]:
-    """Timed steps for the named faults over a run of ``duration_s`` seconds."""
-    steps = []
-    for name in names:
-        if name not in CHAOS:
-            raise ValueError(f"unknown chaos {name!r}; known: {', '.join(CHAOS)}")
-        steps += [(frac * duration_s + delay, action) for frac, delay, action in CHAOS[name]]
-    return sorted(steps, key=lambda step: step[0])

@@ -14,6 +14,7 @@ import asyncio
 import os
 import time
 import tty
+from pathlib import Path
 
 from firmware_bridge.reader_codec import CounterFormat, encode_frame
 
@@ -31,16 +32,43 @@ def _raw_pty() -> tuple[int, int, str]:
 class SimReader:
     def __init__(
         self, name: str, prefix: bytes = b"", suffix: bytes = b"\r\n", noread: str = "NoRead",
-        delimiter: str = ";", counter: CounterFormat | None = None,
+        delimiter: str = ";", counter: CounterFormat | None = None, link: Path | None = None,
     ) -> None:
+        """``link``: a stable name for the device (as udev's /dev/serial/by-id/... is), which
+        disappears while the reader is unplugged; the agent is then configured with it."""
         self.name = name
         self.prefix, self.suffix, self.noread, self.delimiter = prefix, suffix, noread, delimiter
         self.counter_format = counter
         self.counter = 0  # the reader's trigger counter: one step per read cycle, 0 after power-up
-        self._master, self._slave, self.path = _raw_pty()
+        self.link = link
+        self.plug()
+
+    def plug(self) -> None:
+        """A (new) USB-serial device appears: a new pty, and the stable name points at it."""
+        self._master, self._slave, self.tty = _raw_pty()
+        self.plugged = True
+        if self.link is not None:
+            tmp = self.link.with_suffix(".new")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(self.tty)
+            tmp.replace(self.link)
+
+    def unplug(self) -> None:
+        """The device is pulled: its node disappears and the agent's open port fails."""
+        self.plugged = False
+        if self.link is not None:
+            self.link.unlink(missing_ok=True)
+        self.close()
+
+    @property
+    def path(self) -> str:
+        return str(self.link) if self.link is not None else self.tty
 
     def send_raw(self, data: bytes) -> float:
-        """Write bytes to the wire; returns the monotonic time they were written."""
+        """Write bytes to the wire; returns the monotonic time they were written (nothing is
+        written while unplugged)."""
+        if not self.plugged:
+            return time.monotonic()
         view = memoryview(data)
         while view:
             try:

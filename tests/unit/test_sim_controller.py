@@ -44,9 +44,9 @@ def test_accepted_release_command_is_obeyed() -> None:
     t = m.trigger(150)
     assert command(m, 1, t.seq, 2) is c.AckCode.ACCEPTED
     clock.t += m.decision_delay_s()
-    assert m.decision_point(t.seq).lane_reached == 2
+    assert m.decision_point(t).lane_reached == 2
     clock.t += 0.2
-    entry = m.lane_exit(t.seq)
+    entry = m.lane_exit(t)
     assert (entry.lane_commanded, entry.lane_reached, entry.disposition) == (2, 2, c.Disposition.SORTED)
     assert m.regs[c.REG_RESULT_HEAD] == entry.rseq
 
@@ -56,8 +56,8 @@ def test_no_command_defaults_to_inspection() -> None:
     heartbeat(m, 1)
     t = m.trigger(150)
     clock.t += m.decision_delay_s()
-    assert m.decision_point(t.seq).lane_reached == 1
-    assert m.lane_exit(t.seq).disposition == c.Disposition.DEFAULTED_NO_COMMAND
+    assert m.decision_point(t).lane_reached == 1
+    assert m.lane_exit(t).disposition == c.Disposition.DEFAULTED_NO_COMMAND
 
 
 def test_late_command_is_refused_by_encoder_position() -> None:
@@ -67,7 +67,7 @@ def test_late_command_is_refused_by_encoder_position() -> None:
     clock.t += m.decision_delay_s() + 0.001  # past the decision point, not yet processed
     heartbeat(m, 2)
     assert command(m, 1, t.seq, 2) is c.AckCode.LATE
-    assert m.decision_point(t.seq).lane_reached == 1
+    assert m.decision_point(t).lane_reached == 1
 
 
 def test_watchdog_trips_and_parcels_triggered_while_tripped_stay_default() -> None:
@@ -81,8 +81,8 @@ def test_watchdog_trips_and_parcels_triggered_while_tripped_stay_default() -> No
     heartbeat(m, 2)  # agent is back
     assert command(m, 1, t.seq, 2) is c.AckCode.WATCHDOG
     clock.t += m.decision_delay_s()
-    assert m.decision_point(t.seq).lane_reached == 1
-    assert m.lane_exit(t.seq).disposition == c.Disposition.DEFAULTED_WATCHDOG
+    assert m.decision_point(t).lane_reached == 1
+    assert m.lane_exit(t).disposition == c.Disposition.DEFAULTED_WATCHDOG
 
 
 def test_accepted_command_is_overridden_by_trip_before_decision_point() -> None:
@@ -91,7 +91,7 @@ def test_accepted_command_is_overridden_by_trip_before_decision_point() -> None:
     t = m.trigger(150)
     assert command(m, 1, t.seq, 2) is c.AckCode.ACCEPTED
     clock.t += 0.6  # agent dies before the parcel reaches the gates
-    assert m.decision_point(t.seq).lane_reached == 1
+    assert m.decision_point(t).lane_reached == 1
 
 
 def test_faults_default_and_writes_outside_agent_areas_are_refused() -> None:
@@ -101,8 +101,8 @@ def test_faults_default_and_writes_outside_agent_areas_are_refused() -> None:
     t = m.trigger(150)
     assert command(m, 1, t.seq, 2) is c.AckCode.ACCEPTED
     clock.t += m.decision_delay_s()
-    m.decision_point(t.seq)
-    assert m.lane_exit(t.seq).disposition == c.Disposition.DEFAULTED_FAULT
+    m.decision_point(t)
+    assert m.lane_exit(t).disposition == c.Disposition.DEFAULTED_FAULT
     assert m.on_write(c.REG_STATUS_BITS, [0]) is not None
     assert m.on_write(c.TRIGGER_RING_BASE, [1, 2]) is not None
     assert m.on_write(c.REG_CMD_LANE, [1, 2]) is not None  # spills past the mailbox
@@ -129,6 +129,6 @@ def test_stuck_gate_shows_as_missorted() -> None:
     t = m.trigger(150)
     command(m, 1, t.seq, 2)
     clock.t += m.decision_delay_s()
-    m.decision_point(t.seq)
-    entry = m.lane_exit(t.seq)
+    m.decision_point(t)
+    entry = m.lane_exit(t)
     assert (entry.lane_commanded, entry.lane_reached, entry.disposition) == (2, 1, c.Disposition.MISSORTED)
