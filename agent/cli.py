@@ -81,7 +81,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
-    from hw_sim.harness import RunSpec, run_line
+    from hw_sim.harness import LineRun, RunSpec
     from hw_sim.plan import Mix, make_plan
     from hw_sim.view import LiveView
 
@@ -91,7 +91,18 @@ def _cmd_sim(args: argparse.Namespace) -> int:
                    readers=args.readers, transport=args.transport, plan=plan, images=args.images,
                    **_reader_spec(args))
     view = LiveView(sys.stdout, plain=args.plain)
-    run, metrics = asyncio.run(run_line(spec, on_progress=view.update))
+    run = LineRun(spec, on_progress=view.update)
+    try:
+        metrics = asyncio.run(run.run())
+        run.add_process_figures()
+    except KeyboardInterrupt:  # Ctrl-C: the run has stopped everything it started; say what it saw
+        print("\ninterrupted: figures for the parcels fed so far", file=sys.stderr)
+        partial = run.partial_figures()
+        if partial is not None:
+            view.summary(run, partial)
+        return 130
+    finally:
+        run.cleanup()
     view.summary(run, metrics)
     return 0 if metrics["wrongly_released"] == 0 else 1
 
@@ -245,12 +256,6 @@ def _line_args(p: argparse.ArgumentParser, parcels: int, rate: float) -> None:
                    help="readers send no trigger counter (frames are tied by their time windows alone)")
 
 
-def chaos_names() -> list[str]:
-    from hw_sim.chaos import FAULTS  # standard library only: cheap
-
-    return list(FAULTS)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sortgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -274,8 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("line", help="the whole line against hw_sim; figures on the simulator side")
     _line_args(b, parcels=2000, rate=10.0)
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--chaos", default="", help="faults during the run, spread over it: a comma-separated list of "
-                   + ", ".join(chaos_names()) + "; or all")
+    b.add_argument("--chaos", default="", help="faults during the run, spread over it: comma-separated names from "
+                   "hw_sim/chaos.py (agent-kill, broker-restart, verdict-flood, controller-drop, "
+                   "controller-exceptions, controller-slow, controller-restart, controller-freeze, "
+                   "reader-unplug, serial-noise, broker-auth, broker-down-at-start, disk-full), or all")
     b.add_argument("--images", action="store_true",
                    help="X-ray images with the image check required; 6%% of parcels hide a prohibited item")
     b.set_defaults(func=_cmd_bench_line)

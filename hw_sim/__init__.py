@@ -13,4 +13,5 @@ Modules:
   central     the central customs system over MQTT (verdict pushes, record collection)
   broker      start a mosquitto on loopback
   harness     runs simulator, broker and the agent process together
+  chaos       faults on the far side of every wire (controller, readers, broker, disk), per-fault report
 """

@@ -197,7 +197,9 @@ class ControllerModel:
     def on_write(self, address: int, values: list[int]) -> ExcCodes | None:
         span = range(address, address + len(values))
         if any(a not in WRITABLE for a in span):
-            return ExcCodes.ILLEGAL_ADDRESS
+            return ExcCodes.ILLEGAL_ADDRESS  # refused whole: nothing of the request is written
+        if c.REG_MODE_REQUEST in span and values[c.REG_MODE_REQUEST - address] not in (0, 1):
+            return ExcCodes.ILLEGAL_VALUE
         for a, v in zip(span, values, strict=True):
             self.regs[a] = v & 0xFFFF
         if c.REG_AGENT_HEARTBEAT in span or c.REG_MODE_REQUEST in span or c.REG_MAINT_FIRE_GATE in span:
@@ -248,6 +250,12 @@ class ControllerModel:
             self._last_hb_change = self.clock()
             self._last_hb_value = self.regs[c.REG_AGENT_HEARTBEAT]
 
+    def _forget(self, t: Tracked) -> None:
+        """A halted program missed this parcel's moment: once it runs again it cannot know where
+        the parcel is, so it stops tracking it (no result will come for it)."""
+        if self.tracked.get(t.seq) is t:
+            del self.tracked[t.seq]
+
     def knows(self, t: Tracked) -> bool:
         """Still tracked (a restart forgets every parcel; a halted program steers none)."""
         return not self.halted and self.tracked.get(t.seq) is t
@@ -255,6 +263,7 @@ class ControllerModel:
     def decision_point(self, t: Tracked) -> Tracked:
         """The parcel reaches the gates: steer it. Returns the tracked parcel."""
         if not self.knows(t):  # forgotten: no gate fires for it, it takes the default lane
+            self._forget(t)
             if not t.decided:
                 t.lane_reached = self.p.default_lane
             return t
@@ -286,6 +295,7 @@ class ControllerModel:
         """The lane photo-eye sees the parcel: write the result ring (None: a parcel the
         controller forgot gets no result)."""
         if not self.knows(t):
+            self._forget(t)
             return None
         self.tick()
         seq = t.seq

@@ -738,6 +738,14 @@ class LineRun:
         cpu_s = sum(ru.ru_utime + ru.ru_stime for ru in parts)
         self.metrics["cpu_ms_per_parcel"] = round(cpu_s * 1000 / n, 2)
 
+    def partial_figures(self) -> dict[str, Any] | None:
+        """Figures for the parcels fed so far (a run that was interrupted); None before central ran."""
+        if self.central is None:
+            return None
+        m = self._compute()
+        self.add_process_figures()
+        return m
+
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -99,6 +99,7 @@ class SimReader:
             return b""
 
     def close(self) -> None:
+        self.plugged = False  # frames still scheduled go nowhere, as on a pulled cable
         for fd in (self._master, self._slave):
             try:
                 os.close(fd)

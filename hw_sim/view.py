@@ -23,14 +23,14 @@ class LiveView:
 
     def update(self, run: LineRun) -> None:
         done = [t for t in run.truth if t.lane_reached is not None]
-        records = run.central.records_by_seq() if run.central else {}
+        records = run.central.records_by_parcel() if run.central else {}
         if self.plain:
             if self._printed == 0 and done:
                 self.out.write(self.HEADER + "\n")
             # a row is printed once its record has arrived (or it is long overdue)
             while self._printed < len(done):
                 t = done[self._printed]
-                if t.tracked and t.tracked.seq not in records and len(done) - self._printed < 20:
+                if t.tracked and t.key not in records and len(done) - self._printed < 20:
                     break
                 self.out.write(self._line(t, records) + "\n")
                 self._printed += 1
@@ -51,11 +51,11 @@ class LiveView:
         self.out.flush()
 
     @staticmethod
-    def _line(t: Any, records: dict[int, dict[str, Any]]) -> str:
+    def _line(t: Any, records: dict[tuple[int, int], dict[str, Any]]) -> str:
         p = t.planned
         ms = f"{t.decision_ms:5.1f}" if t.decision_ms is not None else "    -"
         seq = t.tracked.seq if t.tracked else 0
-        rec = records.get(seq)
+        rec = records.get(t.key)
         reasons = ",".join(rec["decision"]["reasons"]) if rec and rec.get("decision") else "…"
         label = p.label if not p.item else f"{p.label}+{p.item}"
         return (
@@ -91,7 +91,7 @@ class LiveView:
         self.out.flush()
 
     def _printed_all(self, run: LineRun) -> None:
-        records = run.central.records_by_seq() if run.central else {}
+        records = run.central.records_by_parcel() if run.central else {}
         done = [t for t in run.truth if t.lane_reached is not None]
         for t in done[self._printed :]:
             self.out.write(self._line(t, records) + "\n")

@@ -23,6 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.central import messages
+from firmware_bridge.backoff import Backoff
 
 log = structlog.get_logger("sortgate.mqtt")
 
@@ -70,6 +71,9 @@ class MqttLink:
         # the link's state as people need it: (up, what is wrong), once per change
         self.on_state: Callable[[bool, str], None] = lambda up, detail: None
         self._failing = False  # paho thread: a failure streak is under way (diagnosed once)
+        # paho's own delay doubles without jitter: every line of a site would retry in step after a
+        # broker restart. Our helper sets paho's next delay after each failed attempt instead.
+        self._backoff = Backoff(1.0, max(1.0, reconnect_max_s))
         self.on_publish_error: Callable[[str, str], None] = lambda topic, error: None
         self.stopping = False
         c = mqtt.Client(
@@ -159,10 +163,12 @@ class MqttLink:
 
     def _cb_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
-            # paho retries on its own (reconnect_on_failure); say so once per streak
+            # paho retries on its own (reconnect_on_failure; on_disconnect follows and sets the
+            # delay); say so once per streak
             self._fail(f"broker {self.host}:{self.port} refused the connection: {rc}")
             return
         self._failing = False
+        self._backoff.reset()
         for leaf in ("verdicts", "verdicts/answer", "cmd"):
             client.subscribe(messages.topic(self.root, leaf), qos=1)
         client.publish(
@@ -170,7 +176,13 @@ class MqttLink:
         )
         self._call(self._set_connected, True)
 
+    def _retry_later(self) -> None:
+        """After a failed attempt or a lost connection: paho's next wait, jittered, doubling."""
+        delay = self._backoff.next()
+        self.client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
+
     def _cb_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._retry_later()
         if not self._failing:
             self._fail(f"cannot connect to broker {self.host}:{self.port}: {self._diagnose()}")
 
@@ -190,6 +202,8 @@ class MqttLink:
             self._call(self.on_state, False, detail)
 
     def _cb_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if not self.stopping:
+            self._retry_later()
         self._call(self._set_connected, False, str(rc))
 
     def _set_connected(self, up: bool, reason: str = "") -> None:

@@ -114,10 +114,11 @@ class ControllerSupervisor:
             except ContractMismatch:
                 raise
             except ControllerRestarted as exc:
+                # a new session settles the parcels in flight (after the usual short delay: a
+                # controller whose heads keep going back must not spin this loop)
                 self.connected.clear()
+                self.pipeline.set_problems(("controller_offline",))
                 log.warning("controller restarted; starting a new session", why=str(exc))
-                self.link.close()
-                continue  # at once: the new session settles the parcels in flight
             except LinkError as exc:
                 self.connected.clear()
                 self.pipeline.set_problems(("controller_offline",))

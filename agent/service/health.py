@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable
 
 import structlog
@@ -95,3 +96,22 @@ class Vitals:
         self.stalled = stalled
         if self._since is not None and now - self._since > self.exit_s:
             raise VitalTaskStalled(f"vital task(s) {', '.join(stalled)} stalled for {self.exit_s:.0f} s")
+
+
+class ClockWatch:
+    """Notices the wall clock stepping — NTP setting the clock of a box without a real-time clock
+    after boot, a manual change — as a jump in the offset between wall and monotonic time. Durations
+    in the agent are monotonic; the wall clock only stamps records and judges verdict validity, so
+    a step is reported, not corrected. Slow NTP slewing is no step: the offset is followed."""
+
+    def __init__(
+        self, step_s: float = 2.0, wall: Callable[[], float] = time.time, mono: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.step_s, self._wall, self._mono = step_s, wall, mono
+        self._offset = wall() - mono()
+
+    def check(self) -> float | None:
+        """The step since the last check in seconds (+ forward), or None."""
+        offset = self._wall() - self._mono()
+        step, self._offset = offset - self._offset, offset
+        return step if abs(step) > self.step_s else None

@@ -44,7 +44,7 @@ from agent.pipeline.decision import Mode
 from agent.pipeline.pipeline import Pipeline
 from agent.pipeline.state import Metrics
 from agent.service.controller import ControllerSupervisor
-from agent.service.health import SystemdNotifier, Vitals
+from agent.service.health import ClockWatch, SystemdNotifier, Vitals
 from agent.service.stats import StatsReporter
 from firmware_bridge.errors import ContractMismatch
 from firmware_bridge.modbus_link import ControllerLink, LinkSettings
@@ -175,6 +175,7 @@ class Agent:
                 self.pipeline.intake.trigger_hooks.append(capture.on_trigger)
                 self.image_source = capture
         self.vitals = Vitals(VITAL_STALL_S, VITAL_EXIT_S)
+        self.clock = ClockWatch()
         self.supervisor = ControllerSupervisor(
             cfg, self.link, self.pipeline, healthy=lambda: not self.vitals.stalled
         )
@@ -272,6 +273,10 @@ class Agent:
             now = time.monotonic()
             self.pipeline.housekeeping(now)
             self.vitals.check(now)
+            step = self.clock.check()
+            if step is not None:
+                log.warning("system clock stepped", by_s=round(step, 1))
+                self.alarms.event("clock_jump", f"the system clock stepped by {step:+.1f} s")
             if ping_every and now >= next_ping and not self.vitals.stalled:
                 self.notifier.watchdog()
                 next_ping = now + ping_every

@@ -35,7 +35,8 @@ def _doc_rows() -> dict[str, int]:
         ("TRIGGER_HEAD", c.REG_TRIGGER_HEAD), ("RESULT_HEAD", c.REG_RESULT_HEAD),
         ("ACK_COUNTER", c.REG_ACK_COUNTER), ("ACK_SEQ", c.REG_ACK_SEQ), ("ACK_CODE", c.REG_ACK_CODE),
         ("LANE_FULL_BITS", c.REG_LANE_FULL_BITS), ("WATCHDOG_TRIPS", c.REG_WATCHDOG_TRIPS),
-        ("DEFAULTED_COUNT", c.REG_DEFAULTED_COUNT), ("AGENT_HEARTBEAT", c.REG_AGENT_HEARTBEAT),
+        ("DEFAULTED_COUNT", c.REG_DEFAULTED_COUNT), ("CTRL_BOOT", c.REG_CTRL_BOOT),
+        ("AGENT_HEARTBEAT", c.REG_AGENT_HEARTBEAT),
         ("MODE_REQUEST", c.REG_MODE_REQUEST), ("MAINT_FIRE_GATE", c.REG_MAINT_FIRE_GATE),
         ("CMD_COUNTER", c.REG_CMD_COUNTER), ("CMD_SEQ", c.REG_CMD_SEQ), ("CMD_LANE", c.REG_CMD_LANE),
     ],
@@ -51,6 +52,22 @@ def test_documented_enums_match() -> None:
             assert re.search(rf"^\| {member.value} \| {member.name} \|", text, re.M), member
     for bit in c.StatusBit:
         assert re.search(rf"^\| {bit.value.bit_length() - 1} \| {bit.name} \|", text, re.M), bit
+
+
+def test_documented_version_is_the_codes() -> None:
+    assert f"version {c.CONTRACT_MAJOR}.{c.CONTRACT_MINOR}" in DOC.read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "back"),
+    [
+        (0, 0, False), (0, 5, False), (5, 5, False), (5, 6, False), (5, 0, True), (5000, 3, True),
+        (65535, 1, False), (65530, 4, False),  # a wrap is a step forward
+        (100, 99, True), (3, 40000, True),  # a "step forward" of more than half the space is one back
+    ],
+)
+def test_a_head_that_goes_back_means_a_restart(old: int, new: int, back: bool) -> None:
+    assert c.seq_went_back(old, new) is back
 
 
 def test_ring_and_area_sizes() -> None:

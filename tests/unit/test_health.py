@@ -37,3 +37,22 @@ def test_watchdog_meant_for_another_pid_is_ignored(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("WATCHDOG_USEC", "5000000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
     assert SystemdNotifier().watchdog_s is None
+
+
+def test_clock_watch_reports_steps_not_slewing() -> None:
+    from agent.service.health import ClockWatch
+
+    t = {"wall": 1_000_000.0, "mono": 50.0}
+    watch = ClockWatch(step_s=2.0, wall=lambda: t["wall"], mono=lambda: t["mono"])
+    t["wall"] += 1.0
+    t["mono"] += 1.0
+    assert watch.check() is None  # time passing is no step
+    for _ in range(10):  # NTP slewing: 0.5 s in ten small moves
+        t["wall"] += 1.05
+        t["mono"] += 1.0
+        assert watch.check() is None
+    t["wall"] += 3600.0
+    assert watch.check() == 3600.0
+    assert watch.check() is None  # reported once
+    t["wall"] -= 7200.0
+    assert watch.check() == -7200.0

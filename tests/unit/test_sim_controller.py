@@ -132,3 +132,50 @@ def test_stuck_gate_shows_as_missorted() -> None:
     m.decision_point(t)
     entry = m.lane_exit(t)
     assert (entry.lane_commanded, entry.lane_reached, entry.disposition) == (2, 1, c.Disposition.MISSORTED)
+
+
+def test_power_up_state_after_a_restart_is_the_documented_one() -> None:
+    m, clock = model()
+    heartbeat(m, 1)
+    t = m.trigger(150)
+    command(m, 1, t.seq, 2)
+    boot = m.regs[c.REG_CTRL_BOOT]
+    assert boot != 0
+    forgotten = m.power_up()
+    assert forgotten == [t]
+    r = m.regs
+    assert r[c.REG_CTRL_BOOT] not in (0, boot)
+    assert (r[c.REG_TRIGGER_HEAD], r[c.REG_RESULT_HEAD], r[c.REG_ACK_COUNTER], r[c.REG_ACK_SEQ],
+            r[c.REG_ACK_CODE], r[c.REG_CMD_COUNTER], r[c.REG_AGENT_HEARTBEAT]) == (0, 0, 0, 0, 0, 0, 0)
+    assert m.status & c.StatusBit.WATCHDOG_TRIPPED
+    # the forgotten parcel gets no gate and no result; new sequences start from 1
+    clock.t += m.decision_delay_s()
+    assert m.decision_point(t).lane_reached == 1
+    assert m.lane_exit(t) is None
+    heartbeat(m, 1)
+    assert m.trigger(150).seq == 1  # type: ignore[union-attr]
+
+
+def test_a_halted_program_freezes_its_heartbeat_and_tracks_nothing() -> None:
+    m, clock = model()
+    heartbeat(m, 1)
+    m.halt(True)
+    hb = m.regs[c.REG_CTRL_HEARTBEAT]
+    clock.t += 2.0
+    m.tick()
+    assert m.regs[c.REG_CTRL_HEARTBEAT] == hb
+    assert m.trigger(150) is None
+    m.halt(False)
+    clock.t += 0.2
+    m.tick()
+    assert m.regs[c.REG_CTRL_HEARTBEAT] != hb
+
+
+def test_writes_are_refused_whole_and_mode_values_checked() -> None:
+    from pymodbus.constants import ExcCodes
+
+    m, _ = model()
+    assert m.on_write(c.REG_MAINT_FIRE_GATE, [1, 0, 0]) is ExcCodes.ILLEGAL_ADDRESS  # 34..36: 36 is no area
+    assert m.regs[c.REG_MAINT_FIRE_GATE] == 0
+    assert m.on_write(c.REG_MODE_REQUEST, [2]) is ExcCodes.ILLEGAL_VALUE
+    assert m.regs[c.REG_MODE_REQUEST] == 0

@@ -120,3 +120,16 @@ async def test_outbox_budget_refuses_and_cursor_and_decision_move_atomically(tmp
         assert reopened.count() == 2 and reopened.pending_bytes == 11  # budget state survives
     finally:
         reopened.close()
+
+
+async def test_cursors_set_together_and_pending_decisions_survive_a_reopen(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite")
+    await box.set_cursors({"results": 0, "controller_boot": 77})
+    await box.save_decision("12:3400", b'{"a": 1}')
+    await box.save_decision("13:3900", b'{"a": 2}')
+    await box.add("r1", "t", b"x", cursor=("results", 5), done_decision="12:3400")
+    box.close()
+    again = Outbox(tmp_path / "o.sqlite")
+    assert again.cursor("results") == 5 and again.cursor("controller_boot") == 77
+    assert again.pending_decisions() == [("13:3900", b'{"a": 2}')]
+    again.close()
