@@ -19,7 +19,7 @@ The faults, and what each does:
   serial-noise          1 s of random bytes on reader1's line
   broker-auth           the broker refuses the agent's credentials for 4 s
   broker-down-at-start  the agent is restarted while the broker is down; the broker returns 3 s later
-  disk-full             the filesystem under state_dir is full for 3 s (a tmpfs: needs root)
+  disk-full             the filesystem under state_dir is full for 11 s (a tmpfs: needs root)
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ class Fault:
     run: Action  # injects the fault and removes it again (returns when it is removed)
     alarm: str | None  # the alarm condition the agent must raise for it, and clear on recovery
     event: str | None = None  # an alarm event it must (also) publish
+    # another condition that answers it as well: a full disk stops whichever store must grow first
+    # (a steady outbox reuses its WAL pages and may never fail; a verdict batch needs new pages)
+    or_alarm: str | None = None
     needs: str = ""  # what the run must set up for it: "auth" (broker passwords), "tmpfs"
 
 
@@ -152,7 +155,7 @@ async def _broker_down_at_start(run: LineRun) -> None:
 async def _disk_full(run: LineRun) -> None:
     ballast = run.state_dir / "ballast"
     await asyncio.to_thread(fill, ballast)
-    await asyncio.sleep(3.0)
+    await asyncio.sleep(11.0)  # long enough for a verdict batch (every 10 s at 10/s) to need new pages
     ballast.unlink()
 
 
@@ -184,7 +187,7 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("serial-noise", _serial_noise, None, event="reader_framing_error"),
     Fault("broker-auth", _broker_auth, "mqtt_offline", needs="auth"),
     Fault("broker-down-at-start", _broker_down_at_start, "mqtt_offline"),
-    Fault("disk-full", _disk_full, "outbox_full", needs="tmpfs"),
+    Fault("disk-full", _disk_full, "outbox_full", or_alarm="verdict_store_failed", needs="tmpfs"),
 )}
 
 
@@ -224,10 +227,13 @@ def report(injected: list[Injected], alarms: list[dict[str, Any]]) -> list[dict[
         seen = [(a, _wall(a)) for a in alarms if inj.start_wall - 0.5 <= _wall(a) < until]
         entry: dict[str, Any] = {"fault": f.name, "at_s": round(inj.at_s, 1)}
         if f.alarm is not None:
-            raised = [t for a, t in seen if a.get("alarm") == f.alarm and a.get("active")]
-            cleared = [t for a, t in seen if a.get("alarm") == f.alarm and not a.get("active")
+            kind = f.alarm
+            if f.or_alarm and not any(a.get("alarm") == kind for a, _ in seen):
+                kind = f.or_alarm
+            raised = [t for a, t in seen if a.get("alarm") == kind and a.get("active")]
+            cleared = [t for a, t in seen if a.get("alarm") == kind and not a.get("active")
                        and raised and t >= raised[0]]
-            entry.update(alarm=f.alarm, raised=bool(raised), cleared=bool(cleared))
+            entry.update(alarm=kind, raised=bool(raised), cleared=bool(cleared))
             if cleared:
                 entry["recovery_s"] = round(max(0.0, cleared[0] - (inj.end_wall or inj.start_wall)), 2)
         if f.event is not None:

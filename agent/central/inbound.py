@@ -24,6 +24,7 @@ parcel's deadline, or the parcel goes to inspection (``verdict_timeout``).
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import uuid
 from collections import Counter
@@ -201,8 +202,20 @@ class Inbound:
         else:
             good = [item for item, _ in passed]
         if good:
-            self.counters["verdicts_stored"] += await self.verdicts.store(good)
+            await self._store(good)
         return good + duplicates
+
+    async def _store(self, items: list[VerdictItem]) -> None:
+        """Keep verdicts; a disk that cannot take them (full, failing) is an alarm until it can.
+        Those verdicts are then not kept: their parcels are asked for (look-up) or inspected."""
+        try:
+            self.counters["verdicts_stored"] += await self.verdicts.store(items)
+        except (sqlite3.Error, OSError) as exc:
+            self.counters["verdicts_store_failed"] += len(items)
+            log.error("cannot store verdicts; they are not kept", items=len(items), error=str(exc))
+            self.alarms.condition("verdict_store_failed", True, f"{len(items)} verdicts not stored: {exc}")
+            return
+        self.alarms.condition("verdict_store_failed", False, "verdicts are stored again")
 
     async def _verify_one(self, raw: dict[str, Any]) -> Check:
         """One signature check on the worker thread (a signed command)."""
