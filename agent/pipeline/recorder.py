@@ -35,6 +35,7 @@ class Recorder:
         self.config_hash = config_hash
         self._jobs: asyncio.Queue[RecordJob] = asyncio.Queue()
         self._saving: set[asyncio.Task[None]] = set()
+        self._queued: set[str] = set()  # parcels whose record is queued, not yet committed
         self.alive = time.monotonic()  # the loop's last turn (liveness)
 
     def cursor(self) -> int | None:
@@ -62,7 +63,7 @@ class Recorder:
             self._queue(seq, p.trigger.encoder, p.part, result_part(None), None, p.key)
         for key, body in self.publisher.outbox.pending_decisions():
             seq_s, _, encoder_s = key.partition(":")
-            if key in keys or not (seq_s.isdigit() and encoder_s.isdigit()):
+            if key in keys or key in self._queued or not (seq_s.isdigit() and encoder_s.isdigit()):
                 continue
             keys.add(key)
             self._queue(int(seq_s), int(encoder_s), messages.loads(body), result_part(None), None, key)
@@ -111,6 +112,7 @@ class Recorder:
     ) -> None:
         line = self.state.cfg.line
         record = parcel_record(line.site, line.line, self.config_hash, seq, encoder, part, result)
+        self._queued.add(key)
         self._jobs.put_nowait(RecordJob(record["record_id"], "parcels", messages.dumps(record), cursor, key))
 
     def queue_alarm(self, record_id: str, payload: bytes) -> None:
@@ -136,6 +138,8 @@ class Recorder:
                 try:
                     await self._commit(job, root)
                     self._stored()
+                    if job.done_decision is not None:
+                        self._queued.discard(job.done_decision)
                     break
                 except Exception as exc:  # noqa: BLE001 - OutboxFull, a disk error: any failure stops releases
                     self._store_failed(exc)
