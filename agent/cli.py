@@ -126,7 +126,7 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
         return 2
     spec = RunSpec(parcels=args.parcels, rate=args.rate, seed=args.seed, speed_mps=args.speed,
                    readers=args.readers, transport=args.transport, plan=plan, chaos=names,
-                   images=args.images, require_signatures="verdict-flood" in names, **readers)
+                   images=args.images, require_signatures="verdict-flood" in names, idle_s=args.idle_s, **readers)
     if "verdict-flood" in names:
         from hw_sim.harness import forged_batches
 
@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "reader-unplug, serial-noise, broker-auth, broker-down-at-start, disk-full), or all")
     b.add_argument("--images", action="store_true",
                    help="X-ray images with the image check required; 6%% of parcels hide a prohibited item")
+    b.add_argument("--idle-s", type=float, default=20.0,
+                   help="seconds of running belt without parcels first, for idle_cpu_pct (0: skip; default 20)")
     b.set_defaults(func=_cmd_bench_line)
 
     b = bsub.add_parser(

@@ -43,6 +43,7 @@ class Tracked:
     cmd_lane: int = 0
     t_cmd: float | None = None  # first command received for this seq (any ack)
     t_cmd_accepted: float | None = None
+    t_seen: float | None = None  # the first status read that showed the agent its trigger
     decided: bool = False
     steered_lane: int = 0
     lane_reached: int = 0
@@ -106,6 +107,7 @@ class ControllerModel:
         self.status = c.StatusBit.BELT_RUNNING | c.StatusBit.WATCHDOG_TRIPPED  # no agent yet
         self.tracked: dict[int, Tracked] = {}
         self.trigger_seq = 0
+        self._shown_head = 0  # the highest trigger head a read has returned
         self.result_seq = 0
         self._last_hb_value = 0  # the register's power-on value; the agent starts at 1
         self._last_hb_change = self.clock()
@@ -256,6 +258,20 @@ class ControllerModel:
         if self.tracked.get(t.seq) is t:
             del self.tracked[t.seq]
 
+    def _shown(self, head: int) -> None:
+        """A read returned TRIGGER_HEAD = ``head``: the triggers up to it are now visible to the
+        agent (for ``trigger_seen_ms``, measured on this side of the wire)."""
+        if head == self._shown_head:
+            return
+        now = self.clock()
+        seq = self._shown_head
+        while seq != head:
+            seq = c.next_seq(seq)
+            t = self.tracked.get(seq)
+            if t is not None and t.t_seen is None:
+                t.t_seen = now
+        self._shown_head = head
+
     def knows(self, t: Tracked) -> bool:
         """Still tracked (a restart forgets every parcel; a halted program steers none)."""
         return not self.halted and self.tracked.get(t.seq) is t
@@ -334,6 +350,8 @@ class ControllerModel:
             self.tick()
             off = address - start_address
             current[off : off + count] = self.regs[address : address + count]
+            if address <= c.REG_TRIGGER_HEAD < address + count:
+                self._shown(self.regs[c.REG_TRIGGER_HEAD])
             return None
 
         return SimDevice(

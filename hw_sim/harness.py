@@ -94,6 +94,7 @@ class RunSpec:
     fault_rate: float = 0.01  # share of parcel-reader pairs that get one of reader_faults
     fault_plan: dict[tuple[int, int], str] = field(default_factory=dict)  # (parcel, reader) -> fault, exact
     reader_window_ms: tuple[int, int] = (2, 16)  # the agent's window after the trailing edge
+    idle_s: float = 0.0  # the belt runs this long with no parcel first: the agent's idle CPU is measured
 
 
 @dataclass
@@ -275,6 +276,9 @@ class LineRun:
         self._tmpfs = faults.Tmpfs(self.state_dir) if "tmpfs" in needs else None
         self.server: ModbusTcpServer | ModbusSerialServer | None = None
         self.controller_port = 0
+        self.idle_cpu_pct: float | None = None
+        self._cpu_at_start: tuple[float | None, float] = (None, 0.0)
+        self._cpu_at_end: tuple[float | None, float] = (None, 0.0)
 
     def _framing(self) -> tuple[bytes, bytes]:
         return (b"\x02", b"\x03") if self.spec.framing == "stx_etx" else (b"", b"\r\n")
@@ -348,6 +352,7 @@ class LineRun:
         try:
             self.start_agent()
             await self._wait_ready()
+            await self._measure_idle()
             t0 = loop.time() + 0.5
             pusher = asyncio.create_task(self._push_verdicts(t0), name="central-push")
             await asyncio.sleep(0.3)  # first verdict batches are in the agent's store
@@ -357,6 +362,7 @@ class LineRun:
             await feeder
             await chaos
             await self._settle()
+            self._cpu_at_end = (self._agent_cpu_s(), time.monotonic())
             if progress.done():
                 progress.result()  # a failing progress callback must not fail silently
             progress.cancel()
@@ -379,6 +385,27 @@ class LineRun:
                 self.broker.close()
             if self._tmpfs is not None:
                 self._tmpfs.unmount()
+
+    def _agent_cpu_s(self) -> float | None:
+        """CPU seconds (user + system) the running agent process has used so far (Linux)."""
+        if self.agent is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.agent.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    async def _measure_idle(self) -> None:
+        """The belt runs empty for ``idle_s``: the agent's CPU then, as % of one core; and the CPU
+        it has used when the parcels start (for the marginal cost per parcel)."""
+        if self.spec.idle_s > 0:
+            cpu0, w0 = self._agent_cpu_s(), time.monotonic()
+            await asyncio.sleep(self.spec.idle_s)
+            cpu1, w1 = self._agent_cpu_s(), time.monotonic()
+            if cpu0 is not None and cpu1 is not None:
+                self.idle_cpu_pct = round((cpu1 - cpu0) / (w1 - w0) * 100, 2)
+        self._cpu_at_start = (self._agent_cpu_s(), time.monotonic())
 
     def _prepare(self) -> tuple[str, Path] | None:
         """The broker (with the agent's password when a fault needs one) and the state folder
@@ -641,6 +668,8 @@ class LineRun:
         keys = {t.key for t in truths}
         records = self.central.records_by_parcel()
         lat = [t.decision_ms for t in truths if t.decision_ms is not None]
+        seen = [(t.tracked.t_seen - t.tracked.t_trigger) * 1000 for t in truths
+                if t.tracked and t.tracked.t_seen is not None]
         m: dict[str, Any] = {
             "parcels": len(truths),
             "released": sum(t.reached == "release" for t in truths),
@@ -661,7 +690,9 @@ class LineRun:
             "late": sum(t.disposition == "defaulted_no_command" for t in truths),
             # the longest time the controller saw no agent heartbeat while its watchdog was not tripped
             "heartbeat_gap_ms_max": round(self.model.max_hb_gap_s * 1000, 1),
-            "decision_ms": {"p50": percentile(lat, 0.50), "p99": percentile(lat, 0.99), "max": percentile(lat, 1.0)},
+            "decision_ms": _quantiles(lat),
+            # from the trigger's capture to the first status read that showed it to the agent
+            "trigger_seen_ms": _quantiles(seen),
             "records_published": sum(1 for k in keys if k in records),
             "expected_release": sum(t.planned.expected_lane == "release" for t in truths),
             "wrong_identity": sum(1 for t in truths if self._wrong_identity(t, records)),
@@ -737,6 +768,12 @@ class LineRun:
         self.metrics["rss_mb"] = round(max(ru.ru_maxrss for ru in parts) / 1024, 1)
         cpu_s = sum(ru.ru_utime + ru.ru_stime for ru in parts)
         self.metrics["cpu_ms_per_parcel"] = round(cpu_s * 1000 / n, 2)
+        if self.idle_cpu_pct is not None:
+            self.metrics["idle_cpu_pct"] = self.idle_cpu_pct
+            (c0, w0), (c1, w1) = self._cpu_at_start, self._cpu_at_end
+            if c0 is not None and c1 is not None and self.agent_starts == 1:
+                busy = (c1 - c0) - self.idle_cpu_pct / 100 * (w1 - w0)  # the run's CPU less idling
+                self.metrics["cpu_ms_per_parcel_marginal"] = round(busy * 1000 / n, 2)
 
     def partial_figures(self) -> dict[str, Any] | None:
         """Figures for the parcels fed so far (a run that was interrupted); None before central ran."""
@@ -758,6 +795,10 @@ def _scan_png(seed: int, label: str) -> bytes:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(render(seed, label), cv2.COLOR_RGB2BGR))
     assert ok
     return buf.tobytes()
+
+
+def _quantiles(values: list[float]) -> dict[str, float | None]:
+    return {"p50": percentile(values, 0.50), "p99": percentile(values, 0.99), "max": percentile(values, 1.0)}
 
 
 def _rng(index: int) -> random.Random:
