@@ -62,7 +62,11 @@ class ControllerConfig(_Strict):
     stopbits: Literal[1, 2] = 1
     unit_id: int = Field(1, ge=1, le=247)
     timeout_ms: Ms = Field(250, le=5000)
-    poll_interval_ms: Ms = Field(5, le=1000)
+    poll_interval_ms: Ms = Field(5, le=1000, description="Status poll period while a parcel awaits its inputs")
+    idle_poll_ms: Ms = Field(
+        20, le=1000,
+        description="Status poll period while no parcel awaits its inputs: a trigger is then seen at most this late",
+    )
     heartbeat_interval_ms: Ms = Field(100, le=10_000)
     inter_frame_gap_ms: int = Field(0, ge=0, le=100)
     trigger_publish_ms: int = Field(
@@ -81,6 +85,8 @@ class ControllerConfig(_Strict):
             raise ValueError("host is required when transport = 'tcp'")
         if self.transport == "rtu" and not self.device:
             raise ValueError("device is required when transport = 'rtu'")
+        if self.idle_poll_ms < self.poll_interval_ms:
+            raise ValueError("idle_poll_ms must be at least poll_interval_ms")
         return self
 
 

@@ -82,6 +82,11 @@ class Intake:
         self.matcher.new_session(known_since)
         self._trailing.clear()
 
+    def busy(self) -> bool:
+        """A parcel awaits its inputs (undecided, or its trailing edge not yet placed): the
+        controller is then polled at full rate; otherwise at the idle rate."""
+        return bool(self._trailing) or any(p.decided_at is None for p in self.state.parcels.values())
+
     def forget(self) -> None:
         """The controller restarted: its sequences start again, so nothing known about the old
         ones (triggers, windows, reader counter alignments, early images) may touch a new one."""

@@ -215,7 +215,7 @@ class ControllerSupervisor:
 
     async def _session(self) -> None:
         cc = self.cfg.controller
-        poll_s = cc.poll_interval_ms / 1000
+        poll_s, idle_s = cc.poll_interval_ms / 1000, cc.idle_poll_ms / 1000
         hb_s = cc.heartbeat_interval_ms / 1000
         status = await self._measure_speed()
         result_head = await self._resume(status)
@@ -259,7 +259,10 @@ class ControllerSupervisor:
             # the next poll at the interval, or at once when an input waits for it
             if not self.pipeline.poll_now.is_set():
                 try:
-                    async with asyncio.timeout(poll_s):  # never wait_for: it can swallow a cancel on 3.11
+                    # full rate while a parcel awaits its inputs, the idle rate otherwise (a frame
+                    # or an image sets poll_now: the poll then goes out at once either way)
+                    wait = poll_s if self.pipeline.busy() else idle_s
+                    async with asyncio.timeout(wait):  # never wait_for: it can swallow a cancel on 3.11
                         await self.pipeline.poll_now.wait()
                 except TimeoutError:
                     pass
