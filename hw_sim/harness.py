@@ -410,11 +410,11 @@ class LineRun:
     def _prepare(self) -> tuple[str, Path] | None:
         """The broker (with the agent's password when a fault needs one) and the state folder
         (a tmpfs that can be filled, for disk-full). Returns the agent's MQTT user and password file."""
+        if self._tmpfs is not None:  # first: without root it fails before anything has started
+            self._tmpfs.mount()
         if self.broker is None:
             passwords = {self.mqtt_user: self.mqtt_password} if self.mqtt_auth else None
             self.broker = Mosquitto(passwords=passwords).start()
-        if self._tmpfs is not None:
-            self._tmpfs.mount()
         if not self.mqtt_auth:
             return None
         secret = self.dir / "mqtt.password"
