@@ -144,32 +144,33 @@ class ControllerSupervisor:
             return f"TRIGGER_HEAD went back from {trigger_head} to {status.trigger_head}"
         return None
 
-    def _check_restart(self, status: c.Status, trigger_head: int, result_head: int) -> None:
-        self._heads = (trigger_head, result_head)
+    def _check_restart(self, status: c.Status) -> None:
         why = self._restart_reason(status)
         if why is not None:
             raise ControllerRestarted(why)
 
     async def _resume(self, status: c.Status) -> int:
-        """Where this session's results start. After a controller restart, every parcel in flight
-        gets its record first and results count from the new boot's first; on a first start the
-        position is marked durably at once, so that parcels passing while a killed agent is down
-        still get their records from the ring."""
+        """Where this session's results start; also the heads the next poll is compared with.
+        After a controller restart, every parcel in flight gets its record first and results count
+        from the new boot's first; on a first start the position is marked durably at once, so that
+        parcels passing while a killed agent is down still get their records from the ring."""
         why = self._restart_reason(status)
         self._boot = status.boot
         if why is not None:
             n = await self.pipeline.controller_restarted(status.boot)
             log.warning("controller restarted: parcels in flight recorded without a result", why=why, parcels=n)
             self.pipeline.state.alarms.event("controller_restarted", f"{why}; {n} parcels in flight had no result")
-            self._heads = (0, 0)
-            return 0
-        if self._heads is not None:  # a reconnect within this process: what it already read
-            return self._heads[1]
-        cursor = self.pipeline.result_cursor()
-        if cursor is None or self.pipeline.controller_boot() != status.boot:
-            cursor = status.result_head if cursor is None else cursor
-            self.pipeline.mark_results(cursor, status.boot)
-        return cursor
+            start = 0
+        elif self._heads is not None:  # a reconnect within this process: what it already read
+            start = self._heads[1]
+        else:
+            cursor = self.pipeline.result_cursor()
+            if cursor is None or self.pipeline.controller_boot() != status.boot:
+                cursor = status.result_head if cursor is None else cursor
+                self.pipeline.mark_results(cursor, status.boot)
+            start = cursor
+        self._heads = (status.trigger_head, start)
+        return start
 
     def _frozen(self, ctrl_heartbeat: int, now: float) -> tuple[str, ...]:
         """CTRL_HEARTBEAT unchanged for FROZEN_S: the controller program is not running."""
@@ -239,7 +240,7 @@ class ControllerSupervisor:
             status = await self.link.poll()
             now = time.monotonic()
             cps = self.speed.update(now, status.encoder)
-            self._check_restart(status, trigger_head, result_head)
+            self._check_restart(status)
             self.pipeline.set_problems(status.problems() + self._frozen(status.ctrl_heartbeat, now))
             if status.trigger_head != trigger_head:
                 seqs = c.ring_entries_between(trigger_head, status.trigger_head, c.TRIGGER_RING_LEN)
