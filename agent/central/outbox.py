@@ -25,6 +25,11 @@ from agent.central.sqlite_store import SqliteStore
 
 log = structlog.get_logger("sortgate.outbox")
 
+#: acknowledged rows are deleted in one transaction once this many have gathered, or this long
+#: after the first of them (one commit per record instead of two)
+REMOVE_BATCH = 64
+REMOVE_AFTER_S = 0.5
+
 PublishFn = Callable[[str, bytes], int | None]
 
 _SCHEMA = """
@@ -118,7 +123,13 @@ class Outbox:
         """Delete acknowledged rows, given as (row id, payload size)."""
 
         def delete(conn: sqlite3.Connection) -> None:
-            conn.executemany("DELETE FROM outbox WHERE id = ?", [(r,) for r, _ in rows])
+            conn.execute("BEGIN")  # one commit for the batch, not one per row
+            try:
+                conn.executemany("DELETE FROM outbox WHERE id = ?", [(r,) for r, _ in rows])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
         await self.db.write(delete)
         self.pending_records -= len(rows)
@@ -196,7 +207,8 @@ class OutboxPublisher:
         self._inflight: dict[int, tuple[int, int]] = {}  # mqtt mid -> (row id, payload size)
         self._handed_up_to = 0  # highest row id handed to paho
         self._wake = asyncio.Event()
-        self._acked: list[tuple[int, int]] = []
+        self._acked: list[tuple[int, int]] = []  # acknowledged rows not yet deleted
+        self._acked_since = 0.0  # when the first of them was acknowledged
         self.published = 0
         self.acked = 0
 
@@ -213,11 +225,25 @@ class OutboxPublisher:
         self._wake.set()
 
     def on_ack(self, mid: int) -> None:
+        """The broker has the record: its row may go. Rows go in batches (REMOVE_BATCH rows, or
+        REMOVE_AFTER_S after the first): an acknowledged row still on disk after a crash is only
+        sent again (central keeps the first of a record_id), never lost."""
         row = self._inflight.pop(mid, None)
-        if row is not None:
-            self._acked.append(row)
-            self.acked += 1
-            self._wake.set()
+        if row is None:
+            return
+        self._acked.append(row)
+        self.acked += 1
+        if len(self._acked) == 1:
+            self._acked_since = time.monotonic()
+            asyncio.get_running_loop().call_later(REMOVE_AFTER_S, self._wake.set)
+        if len(self._acked) >= REMOVE_BATCH or len(self._inflight) == self.window - 1:
+            self._wake.set()  # a full batch, or a full window has room again
+
+    async def flush(self) -> None:
+        """A clean stop: delete the acknowledged rows now (a crash would only resend them)."""
+        if self._acked:
+            done, self._acked = self._acked, []
+            await self.outbox.remove(done)
 
     def on_connected(self) -> None:
         # paho resends what it already holds; we only need to keep feeding it.
@@ -227,7 +253,9 @@ class OutboxPublisher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._acked:
+            if self._acked and (
+                len(self._acked) >= REMOVE_BATCH or time.monotonic() - self._acked_since >= REMOVE_AFTER_S
+            ):
                 done, self._acked = self._acked, []
                 await self.outbox.remove(done)
             room = self.window - len(self._inflight)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from agent.central.messages import VerdictItem
-from agent.central.outbox import Outbox, OutboxPublisher
+from agent.central.outbox import REMOVE_AFTER_S, REMOVE_BATCH, Outbox, OutboxPublisher
 from agent.central.verdicts import VerdictStore
 
 T0 = datetime(2026, 11, 30, 8, 0, tzinfo=UTC)
@@ -67,8 +67,31 @@ async def test_outbox_publishes_in_order_within_window_and_deletes_on_ack(tmp_pa
         pub.on_ack(1)
         pub.on_ack(2)
         await asyncio.sleep(0.05)
-        assert [p for _, p in sent] == [b"p0", b"p1", b"p2", b"p3", b"p4"]
+        assert [p for _, p in sent] == [b"p0", b"p1", b"p2", b"p3", b"p4"]  # room again: sent at once
+        assert outbox.count() == 5  # acknowledged rows go in one batch, not one commit each
+        await asyncio.sleep(REMOVE_AFTER_S + 0.1)
         assert outbox.count() == 3
+        pub.on_ack(3)
+        await pub.flush()  # a clean stop deletes what is acknowledged at once
+        assert outbox.count() == 2
+    finally:
+        task.cancel()
+        outbox.close()
+
+
+async def test_outbox_deletes_a_full_batch_of_acknowledged_rows_at_once(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.sqlite")
+    mids = iter(range(1, 1000))
+    pub = OutboxPublisher(outbox, lambda t, p: next(mids), window=REMOVE_BATCH + 10)
+    task = asyncio.create_task(pub.run())
+    try:
+        for i in range(REMOVE_BATCH + 5):
+            await pub.put(f"r{i}", "t/parcels", b"x")
+        await asyncio.sleep(0.05)
+        for mid in range(1, REMOVE_BATCH + 1):
+            pub.on_ack(mid)
+        await asyncio.sleep(0.05)  # well before REMOVE_AFTER_S
+        assert outbox.count() == 5
     finally:
         task.cancel()
         outbox.close()
