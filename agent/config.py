@@ -62,10 +62,13 @@ class ControllerConfig(_Strict):
     stopbits: Literal[1, 2] = 1
     unit_id: int = Field(1, ge=1, le=247)
     timeout_ms: Ms = Field(250, le=5000)
-    poll_interval_ms: Ms = Field(5, le=1000, description="Status poll period while a parcel awaits its inputs")
+    poll_interval_ms: Ms = Field(
+        5, le=1000,
+        description="Shortest gap between two status polls (a frame or an image asks for a poll at once)",
+    )
     idle_poll_ms: Ms = Field(
         20, le=1000,
-        description="Status poll period while no parcel awaits its inputs: a trigger is then seen at most this late",
+        description="Status poll period when no input asks for a poll: a trigger is seen at most this late",
     )
     heartbeat_interval_ms: Ms = Field(100, le=10_000)
     inter_frame_gap_ms: int = Field(0, ge=0, le=100)

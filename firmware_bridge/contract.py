@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 CONTRACT_MAJOR = 1
-CONTRACT_MINOR = 1  # 1.1 adds CTRL_BOOT (28); a 1.0 controller reads 0 there
+CONTRACT_MINOR = 2  # 1.1 adds CTRL_BOOT (28), a 1.0 controller reads 0 there; 1.2: optional function 23
 MAGIC = 0x5347  # "SG"
 
 # --- identity (read-only) ---------------------------------------------------------------

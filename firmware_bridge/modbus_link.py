@@ -9,6 +9,11 @@ does not speak (``ContractMismatch``) — the same rule as Klipper's host readin
 dictionary. Reconnecting is the caller's job (``agent.service.controller``), so that a mismatch is never
 retried and a lost link is visible as state, not hidden in a library.
 
+Function 23 (read/write multiple registers) is optional for a controller (contract 1.2): the link
+tries it for the heartbeat with the status poll, and for a lane command with its acknowledgement,
+and falls back to separate writes and reads for the rest of the connection if the controller
+answers exception 01.
+
 A flight recorder keeps the last frames on the wire; ``dump_frames()`` gives them to the log when
 something fails.
 """
@@ -27,10 +32,12 @@ from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 
 from firmware_bridge import contract as c
-from firmware_bridge.errors import ContractMismatch, LinkError
+from firmware_bridge.errors import ContractMismatch, FunctionUnsupported, LinkError
 from firmware_bridge.serial_line import SerialLine
 
 __all__ = ["ControllerLink", "LinkSettings"]
+
+ILLEGAL_FUNCTION = 0x01  # Modbus exception code: the function is not implemented
 
 
 def _honour_cancel() -> None:
@@ -71,6 +78,7 @@ class ControllerLink:
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
         self.identity: c.Identity | None = None
         self.requests = 0
+        self.fc23: bool | None = None  # function 23 answered (True), refused (False), not yet tried
 
     # --- flight recorder ----------------------------------------------------------------
     def _trace(self, sending: bool, data: bytes) -> bytes:
@@ -118,6 +126,7 @@ class ControllerLink:
             client.close()
             raise LinkError(f"{self.settings.describe()}: cannot connect")
         self._client = client
+        self.fc23 = None  # a new connection may be a new controller
         regs = await self.read(c.ID_BASE, c.ID_LEN)
         identity = c.Identity.decode(regs)
         problems = identity.problems()
@@ -150,6 +159,8 @@ class ControllerLink:
                 await self._gap()
             _honour_cancel()
             if rr.isError():
+                if rr.exception_code == ILLEGAL_FUNCTION:
+                    raise FunctionUnsupported(f"{what}: exception response {rr}")
                 raise LinkError(f"{what}: exception response {rr}")
             self.requests += 1
             return rr
@@ -168,6 +179,33 @@ class ControllerLink:
             f"write {address}={regs}", lambda cl: cl.write_registers(address, regs, device_id=unit)
         )
 
+    async def read_write(self, write_address: int, values: Sequence[int], read_address: int, count: int) -> list[int]:
+        """Function 23: write, then read, in one transaction (the controller writes first)."""
+        unit, regs = self.settings.unit_id, list(values)
+        rr = await self._transact(
+            f"write {write_address}={regs} + read {read_address}+{count}",
+            lambda cl: cl.readwrite_registers(
+                read_address=read_address, read_count=count, write_address=write_address,
+                values=regs, device_id=unit,
+            ),
+        )
+        return list(rr.registers)
+
+    async def _combined(
+        self, write_address: int, values: Sequence[int], read_address: int, count: int
+    ) -> list[int] | None:
+        """``read_write`` where the controller implements function 23; None where it does not
+        (the caller then writes and reads separately)."""
+        if self.fc23 is False:
+            return None
+        try:
+            regs = await self.read_write(write_address, values, read_address, count)
+        except FunctionUnsupported:
+            self.fc23 = False
+            return None
+        self.fc23 = True
+        return regs
+
     def _require(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
         if self._client is None or not self._client.connected:
             raise LinkError(f"{self.settings.describe()}: not connected")
@@ -180,6 +218,15 @@ class ControllerLink:
     # --- contract operations ------------------------------------------------------------
     async def poll(self) -> c.Status:
         return c.Status.decode(await self.read(c.POLL_BASE, c.POLL_LEN))
+
+    async def heartbeat_poll(self, value: int) -> c.Status:
+        """Write the agent heartbeat and poll the status block: one function-23 transaction
+        where the controller has it, else a write and a read. The status shows the new value."""
+        regs = await self._combined(c.REG_AGENT_HEARTBEAT, [value & 0xFFFF], c.POLL_BASE, c.POLL_LEN)
+        if regs is None:
+            await self.heartbeat(value)
+            return await self.poll()
+        return c.Status.decode(regs)
 
     async def read_triggers(self, seqs: Sequence[int]) -> dict[int, c.TriggerEntry]:
         """Read the trigger-ring slots of ``seqs``; returns slot contents keyed by slot seq."""
@@ -211,10 +258,17 @@ class ControllerLink:
         would overwrite the first's acknowledgement before it is read.
         """
         async with self._mailbox:
-            await self.write(c.MAILBOX_BASE, [counter, seq, lane])
+            # with function 23 the acknowledgement comes back at once from a controller that
+            # takes the command while it answers; one that takes it in its next scan shows the
+            # previous acknowledgement, and the reads below wait for the new one
+            command = [counter, seq, lane]
+            regs = await self._combined(c.MAILBOX_BASE, command, c.REG_ACK_COUNTER, 3)
+            if regs is None:
+                await self.write(c.MAILBOX_BASE, command)
             deadline = time.monotonic() + ack_timeout_s
             while True:
-                regs = await self.read(c.REG_ACK_COUNTER, 3)
+                if regs is None:
+                    regs = await self.read(c.REG_ACK_COUNTER, 3)
                 if regs[0] == counter and regs[1] == seq:
                     try:
                         return c.AckCode(regs[2])
@@ -222,6 +276,7 @@ class ControllerLink:
                         return c.AckCode.NONE
                 if time.monotonic() >= deadline:
                     return c.AckCode.NONE
+                regs = None
                 await asyncio.sleep(0.002)
 
     async def request_mode(self, mode: c.ModeRequest) -> None:

@@ -62,6 +62,7 @@ class ControllerParams:
     lane_count: int = 2
     firmware: tuple[int, int, int] = (1, 0, 0)
     contract_major: int = c.CONTRACT_MAJOR
+    fc23: bool = True  # implements function 23 (read/write multiple registers), optional since 1.2
 
 
 class ControllerModel:
@@ -343,6 +344,8 @@ class ControllerModel:
         ) -> ExcCodes | None:
             if self.answer == "exception":
                 return ExcCodes.DEVICE_FAILURE
+            if function_code == 23 and not self.p.fc23:
+                return ExcCodes.ILLEGAL_FUNCTION
             if self.answer == "slow":
                 await asyncio.sleep(self.slow_s)
             if set_values is not None:

@@ -29,6 +29,9 @@ from firmware_bridge.reader_codec import Event, FramingError
 if TYPE_CHECKING:  # OpenCV and LiteRT load only on lines that run the image check
     from agent.vision.check import VisionCheck
 
+#: how long after a read window's close the intake's timer ticks (the close itself must be past)
+CLOSE_STEP_S = 0.0005
+
 log = structlog.get_logger("sortgate.intake")
 
 __all__ = ["IMAGE_SOURCE", "Intake"]
@@ -75,17 +78,14 @@ class Intake:
         self.trigger_hooks: list[Callable[[], None]] = []  # e.g. a capture source grabbing a frame
         self._trailing: dict[int, int] = {}  # seq -> encoder count at which its trailing edge passes
         self.poll_now = asyncio.Event()  # set when an input waits for the next controller poll
+        self._close_timer: asyncio.TimerHandle | None = None  # wakes tick() when a window closes
+        self._close_at = float("inf")
 
     def new_session(self, known_since: float) -> None:
         """A controller session starts: triggers captured before ``known_since`` may never be
         seen (they were in the ring before this session read its head)."""
         self.matcher.new_session(known_since)
         self._trailing.clear()
-
-    def busy(self) -> bool:
-        """A parcel awaits its inputs (undecided, or its trailing edge not yet placed): the
-        controller is then polled at full rate; otherwise at the idle rate."""
-        return bool(self._trailing) or any(p.decided_at is None for p in self.state.parcels.values())
 
     def forget(self) -> None:
         """The controller restarted: its sequences start again, so nothing known about the old
@@ -122,6 +122,7 @@ class Intake:
                 self._attach_image(p, *early)
         self._settle(p)
         self._start_parcel(p)
+        self._arm()
 
     def give_up(self, p: Parcel) -> None:
         """The parcel must be decided now: a read not final by now is not trusted."""
@@ -154,8 +155,9 @@ class Intake:
             return
         seq = int(m.group("seq"))
         p = self.state.parcels.get(seq)
-        if p is None:  # before the poll has seen its trigger: keep it briefly
+        if p is None:  # the poll has not seen its trigger yet: keep it briefly, and poll at once
             self._early_images[seq] = (image, t)
+            self.poll_now.set()
             return
         self._attach_image(p, image, t)
 
@@ -164,6 +166,7 @@ class Intake:
         self._apply(self.matcher.add_frame(source, item, t, counter))
         if self.matcher.holding():
             self.poll_now.set()
+        self._arm()
 
     def _attach_image(self, p: Parcel, image: Any, t: float) -> None:
         if p.decision is not None or p.image_done:
@@ -189,6 +192,7 @@ class Intake:
                 del self._trailing[seq]
         self.matcher.set_horizon(sent - self.publish_s)
         self.tick(now)
+        self._arm()
 
     def tick(self, now: float) -> None:
         """Periodic: close read windows (and drop images that found no parcel)."""
@@ -199,6 +203,30 @@ class Intake:
                 self.state.metrics.count("image_orphans")
                 log.warning("image matched no parcel", seq=seq, image=str(image))
                 self._discard(image)
+
+    def _arm(self) -> None:
+        """Wake ``tick`` just after the earliest open read window closes, so that a parcel whose
+        reads are all in is decided then, not at the next controller poll: the poll can stay slow
+        while nothing new arrives (a frame or an image asks for a poll of its own). Without a
+        running event loop (pure unit tests) the caller's ticks are the only clock."""
+        at = self.matcher.next_close()
+        if at is None or at >= self._close_at:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        self._close_at = at
+        # the loop's clock is time.monotonic(), the matcher's clock: a window is over once the
+        # clock has passed its close, hence the small step past it
+        self._close_timer = loop.call_at(at + CLOSE_STEP_S, self._on_close)
+
+    def _on_close(self) -> None:
+        self._close_timer, self._close_at = None, float("inf")
+        self.tick(time.monotonic())
+        self._arm()
 
     def _discard(self, image: Any) -> None:
         if self.vision is not None and self.state.cfg.vision.consume:

@@ -182,6 +182,10 @@ class Matcher(CounterRules):
                 self._slots.pop((old.seq, name), None)
         return out
 
+    def next_close(self) -> float | None:
+        """When the earliest open window closes (``advance`` after it will close it), or None."""
+        return self._closing[0][0] if self._closing else None
+
     def holding(self) -> bool:
         """Frames wait for the horizon (a controller poll would let them resolve)."""
         return any(src.held for src in self.sources.values())

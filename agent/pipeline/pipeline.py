@@ -52,7 +52,6 @@ class Pipeline:
         self.controller_boot = self.recorder.boot
         self.mark_results = self.recorder.mark
         self.poll_now = self.intake.poll_now
-        self.busy = self.intake.busy
 
     def new_session(self, known_since: float, ack_counter: int) -> None:
         """A controller session starts: triggers before ``known_since`` may be unknown, and the

@@ -1,8 +1,10 @@
 """Controller supervisor: keeps the Modbus link up and turns polls into line events.
 
 One task owns the link's life: connect (identity checked), then poll the status block every
-``poll_interval_ms``, write the agent heartbeat every ``heartbeat_interval_ms``, and read the trigger
-and result rings whenever their heads move. A lost link is retried with jittered doubling delay up to
+``idle_poll_ms`` (sooner, but at most once per ``poll_interval_ms``, when a reader frame or an image
+asks: its parcel has certainly been triggered), write the agent heartbeat every
+``heartbeat_interval_ms``, and read the trigger and result rings whenever their heads move. Read
+windows close on the intake's own timer, not on polls. A lost link is retried with jittered doubling delay up to
 ``reconnect_max_s``, logged once at error level and once on recovery; while it is down the line is
 unhealthy (every decision is inspection, and the controller's watchdog does the same on its side).
 A contract mismatch is fatal: it is not retried.
@@ -22,6 +24,11 @@ from firmware_bridge import contract as c
 from firmware_bridge.backoff import Backoff
 from firmware_bridge.errors import ContractMismatch, LinkError
 from firmware_bridge.modbus_link import ControllerLink
+
+#: results waiting in the ring are read once this many have gathered, or this long after the
+#: first of them was seen (the ring holds RESULT_RING_LEN = 64)
+RESULT_BATCH = 16
+RESULT_DELAY_S = 0.25
 
 log = structlog.get_logger("sortgate.controller")
 
@@ -216,7 +223,6 @@ class ControllerSupervisor:
 
     async def _session(self) -> None:
         cc = self.cfg.controller
-        poll_s, idle_s = cc.poll_interval_ms / 1000, cc.idle_poll_ms / 1000
         hb_s = cc.heartbeat_interval_ms / 1000
         status = await self._measure_speed()
         result_head = await self._resume(status)
@@ -227,44 +233,62 @@ class ControllerSupervisor:
         hb = status.agent_heartbeat  # continue from the register: the first write is a change
         next_hb = 0.0
         prev_sent = time.monotonic()
+        results_since: float | None = None  # when the first result not yet read was seen
+        told_fc23 = False
         self.connected.set()
         while True:
-            now = self.alive = time.monotonic()
-            if now >= next_hb and self.healthy():
+            sent = self.alive = time.monotonic()
+            if sent >= next_hb and self.healthy():
                 # only a whole agent keeps the controller's watchdog fed: with a dead task the
                 # watchdog trips and the controller sends every parcel to inspection
                 hb = c.next_seq(hb)
-                await self.link.heartbeat(hb)
-                next_hb = now + hb_s
-            sent = time.monotonic()
-            status = await self.link.poll()
+                status = await self.link.heartbeat_poll(hb)  # one transaction where it can be
+                next_hb = sent + hb_s
+                if self.link.fc23 is False and not told_fc23:
+                    told_fc23 = True
+                    log.info("controller does not implement function 23: writes and reads go separately")
+            else:
+                status = await self.link.poll()
             now = time.monotonic()
             cps = self.speed.update(now, status.encoder)
             self._check_restart(status)
             self.pipeline.set_problems(status.problems() + self._frozen(status.ctrl_heartbeat, now))
             if status.trigger_head != trigger_head:
-                seqs = c.ring_entries_between(trigger_head, status.trigger_head, c.TRIGGER_RING_LEN)
-                if c.seq_distance(trigger_head, status.trigger_head) > len(seqs):
-                    self.pipeline.state.metrics.count("trigger_ring_overruns")
-                    log.error("trigger ring overrun: parcels missed (they default to inspection)")
-                entries = await self.link.read_triggers(seqs)
-                for seq in seqs:
-                    if seq in entries:
-                        self.pipeline.on_trigger(entries[seq], status.encoder, cps, now, prev_sent)
+                await self._read_triggers(trigger_head, status, cps, now, prev_sent)
                 trigger_head = status.trigger_head
             if status.result_head != result_head:
-                result_head = await self._read_results(result_head, status.result_head)
+                # results are not urgent (a record, not a decision): read them in batches
+                results_since = now if results_since is None else results_since
+                if (c.seq_distance(result_head, status.result_head) >= RESULT_BATCH
+                        or now - results_since >= RESULT_DELAY_S):
+                    result_head = await self._read_results(result_head, status.result_head)
+                    results_since = None
             self._heads = (trigger_head, result_head)
             self.pipeline.on_poll(sent, now, prev_sent, status.encoder, cps)
             prev_sent = sent
-            # the next poll at the interval, or at once when an input waits for it
-            if not self.pipeline.poll_now.is_set():
-                try:
-                    # full rate while a parcel awaits its inputs, the idle rate otherwise (a frame
-                    # or an image sets poll_now: the poll then goes out at once either way)
-                    wait = poll_s if self.pipeline.busy() else idle_s
-                    async with asyncio.timeout(wait):  # never wait_for: it can swallow a cancel on 3.11
-                        await self.pipeline.poll_now.wait()
-                except TimeoutError:
-                    pass
-            self.pipeline.poll_now.clear()
+            await self._until_next_poll(sent)
+
+    async def _read_triggers(self, head: int, status: c.Status, cps: float, now: float, prev_sent: float) -> None:
+        seqs = c.ring_entries_between(head, status.trigger_head, c.TRIGGER_RING_LEN)
+        if c.seq_distance(head, status.trigger_head) > len(seqs):
+            self.pipeline.state.metrics.count("trigger_ring_overruns")
+            log.error("trigger ring overrun: parcels missed (they default to inspection)")
+        entries = await self.link.read_triggers(seqs)
+        for seq in seqs:
+            if seq in entries:
+                self.pipeline.on_trigger(entries[seq], status.encoder, cps, now, prev_sent)
+
+    async def _until_next_poll(self, sent: float) -> None:
+        """The next poll at the idle period, or sooner when an input waits for it (a frame that
+        must learn which triggers exist, an image ahead of its trigger), but never sooner than
+        poll_interval_ms after the last: a flood of frames cannot flood the link."""
+        cc = self.cfg.controller
+        if not self.pipeline.poll_now.is_set():
+            try:
+                async with asyncio.timeout(cc.idle_poll_ms / 1000):  # never wait_for: it can swallow a cancel on 3.11
+                    await self.pipeline.poll_now.wait()
+            except TimeoutError:
+                pass
+        if (gap := sent + cc.poll_interval_ms / 1000 - time.monotonic()) > 0:
+            await asyncio.sleep(gap)
+        self.pipeline.poll_now.clear()

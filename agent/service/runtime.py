@@ -62,6 +62,9 @@ VITAL_STALL_S = 2.0
 VITAL_EXIT_S = 10.0
 #: SIGTERM ends the process within this, cleanly or not
 STOP_HARD_S = 5.0
+#: the housekeeping turn: results overdue, vital tasks, watchdog pings, stats (read windows close on
+#: the intake's own timer, so nothing here needs a faster turn)
+HOUSEKEEPING_S = 0.2
 
 
 def config_hash(cfg: Config) -> str:
@@ -289,7 +292,7 @@ class Agent:
                         "outbox_filling", fill >= self.cfg.outbox.alarm_at,
                         f"outbox at {fill:.0%} of its budget ({self.outbox.count()} records)",
                     )
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(HOUSEKEEPING_S)
 
     def _publish_stats(self) -> None:
         if self.mqtt.connected.is_set():
@@ -326,6 +329,10 @@ class Agent:
             self.notifier.stopping()
             await self.pipeline.stop()  # parcel tasks and decision saves end before the stores close
             self.mqtt.stop()
+            try:
+                await self.publisher.flush()
+            except Exception as exc:  # noqa: BLE001 - a full or failed disk: the rows are only resent
+                log.warning("acknowledged records not deleted; they will be sent again", error=str(exc))
             self.outbox.close()
             self.verdicts.close()
             self.link.close()
