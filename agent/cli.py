@@ -1,4 +1,4 @@
-"""Command line: ``sortgate run | check-config | sim | bench line``."""
+"""Command line: ``sortgate run | check-config | sim | bench line | sweep | identity``."""
 
 from __future__ import annotations
 
@@ -138,6 +138,45 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
     else:
         for k, v in metrics.items():
             print(f"{k:>20}: {v}")
+    return 0
+
+
+def _cmd_bench_sweep(args: argparse.Namespace) -> int:
+    from hw_sim import sweep
+
+    try:
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
+        if not rates or min(rates) <= 0:
+            raise ValueError
+    except ValueError:
+        print(f"sortgate bench sweep: --rates: a comma-separated list of positive rates (got {args.rates!r})",
+              file=sys.stderr)
+        return 2
+    if args.out is not None:
+        try:
+            import matplotlib  # noqa: F401 - a development extra: fail before an hour of runs, not after
+        except ImportError:
+            print("sortgate bench sweep: --out needs matplotlib (pip install 'sortgate[dev]')", file=sys.stderr)
+            return 2
+
+    def progress(row: dict[str, Any]) -> None:
+        print(f"rate {row['rate']:g}/s at {row['speed_mps']:g} m/s: decision p99 {row['decision_p99_ms']} ms, "
+              f"cpu {row['cpu_pct']} %, late {row['late']}, wrongly released {row['wrongly_released']}",
+              file=sys.stderr)
+
+    rows = sweep.run_sweep(rates, args.seconds, idle_s=args.idle_s, seed=args.seed, on_row=progress)
+    result = {"bench": "sweep", "machine": sweep.machine(), "seconds": args.seconds,
+              "rows": [{k: v for k, v in r.items() if k != "line"} for r in rows],
+              "runs": [r["line"] for r in rows]}
+    text = sweep.table(rows)
+    if args.out is not None:
+        sweep.plot(rows, args.out / "sweep.png")
+        command = f"sortgate bench sweep --rates {args.rates} --seconds {args.seconds:g} --idle-s {args.idle_s:g}"
+        (args.out / "sweep.md").write_text(
+            f"# `{command}`\n\nMachine: {result['machine']}. Plot: [sweep.png](sweep.png).\n\n{text}\n\n"
+            f"```json\n{json.dumps(result, indent=1)}\n```\n"
+        )
+    print(json.dumps(result) if args.json else text)
     return 0
 
 
@@ -289,6 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of running belt without parcels first, for idle_cpu_pct (0: skip; default 20)")
     b.set_defaults(func=_cmd_bench_line)
 
+    b = bsub.add_parser("sweep", help="bench line at several rates: a table, one JSON object and a plot")
+    b.add_argument("--rates", default="2,5,10,15,20", help="parcels per second, comma-separated "
+                   "(default 2,5,10,15,20); the belt runs faster where parcels would not fit at 3 m/s")
+    b.add_argument("--seconds", type=float, default=60.0, help="seconds of parcels per rate (default 60)")
+    b.add_argument("--idle-s", type=float, default=20.0, help="idle belt before each run (default 20)")
+    b.add_argument("--seed", type=int, default=1)
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    b.add_argument("--out", type=Path, help="write sweep.png and sweep.md (the table and the JSON) here")
+    b.set_defaults(func=_cmd_bench_sweep)
+
     b = bsub.add_parser(
         "identity",
         help="matching and decisions in virtual time against ground truth (no wires): a code never "
@@ -310,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     msub = p.add_subparsers(dest="model", required=True)
     e = msub.add_parser("eval", help="measure the shipped model on a held-out synthetic set")
     e.add_argument("--images", type=int, default=2500)
-    e.add_argument("--model-dir", type=Path, default=Path(__file__).resolve().parents[1] / "models")
+    e.add_argument("--model-dir", type=Path, help="a folder with xray_int8.tflite and xray_f32.tflite "
+                   "(default: the models shipped with this installation)")
     e.add_argument("--config", type=Path, help="take the per-class thresholds from this config")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_cmd_model_eval)

@@ -134,9 +134,6 @@ class Truth:
         return {RELEASE_LANE: "release", INSPECTION_LANE: "inspection"}.get(self.lane_reached or 0, "lost")
 
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
-
-
 def agent_config(spec: RunSpec, *, controller: str, readers: list[SimReader], mqtt_port: int, state_dir: Path,
                  scan_dir: Path | None = None, mqtt_auth: tuple[str, Path] | None = None) -> str:
     vision = ""
@@ -144,7 +141,7 @@ def agent_config(spec: RunSpec, *, controller: str, readers: list[SimReader], mq
         vision = f"""
 [vision]
 mode = "required"
-model = "{spec.model or MODELS / 'xray_int8.tflite'}"
+model = "{spec.model or 'xray_int8.tflite'}"
 source = "folder"
 folder = "{scan_dir}"
 window_ms = 300

@@ -12,7 +12,9 @@ the agent refuses to run (exit 2) rather than run without the check it was confi
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,11 +64,29 @@ class TensorInfo:
     zero_point: int
 
 
+#: the package the shipped models are installed as (the repository's ``models/`` folder)
+SHIPPED_MODELS = "sortgate_models"
+
+
+def shipped_models() -> Path:
+    """The folder of the models shipped with this installation."""
+    return Path(str(importlib.resources.files(SHIPPED_MODELS)))
+
+
+def resolve_model(value: str | Path) -> Path:
+    """The config's ``vision.model``: a bare file name (``xray_int8.tflite``) names a model shipped
+    with sortgate; anything with a folder in it is a path of its own."""
+    text = str(value)
+    if "/" not in text and os.sep not in text:
+        return shipped_models() / text
+    return Path(text)
+
+
 class Classifier:
     """One TFLite model. Not thread-safe: use it from one thread (the vision worker)."""
 
     def __init__(self, path: str | Path, threads: int = 1) -> None:
-        path = Path(path)
+        path = resolve_model(path)
         try:
             blob = path.read_bytes()
         except OSError as exc:
@@ -121,7 +141,6 @@ class Classifier:
 
 import asyncio  # noqa: E402
 import fnmatch  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402

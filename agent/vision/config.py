@@ -29,7 +29,10 @@ class VisionConfig(_Strict):
     mode: Literal["off", "advisory", "required"] = Field(
         "off", description="required: no release without a passed image check; advisory: recorded only"
     )
-    model: str = Field("/opt/sortgate/models/xray_int8.tflite", min_length=1)
+    model: str = Field(
+        "xray_int8.tflite", min_length=1,
+        description="a bare file name names a model shipped with sortgate; a path with a folder, a file of your own",
+    )
     source: Literal["folder", "capture"] = "folder"
     folder: str | None = Field(None, description="source = folder: where the scanner writes each parcel's image")
     pattern: str = Field("*.png", min_length=1, description="files to take; write to another name, then rename")

@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.vision.check import CLASSES, TARGETS, Classifier, preprocess
+from agent.vision.check import CLASSES, TARGETS, Classifier, preprocess, shipped_models
 
 EVAL_SEED0 = 10_000_000
-MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 def held_out(n: int, seed0: int = EVAL_SEED0) -> tuple[list[np.ndarray], np.ndarray]:
@@ -45,7 +44,10 @@ def _run(model: Classifier, images: list[np.ndarray]) -> tuple[np.ndarray, np.nd
     return np.stack(scores), np.array(times)
 
 
-def evaluate(n: int = 2500, model_dir: Path = MODELS, thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+def evaluate(
+    n: int = 2500, model_dir: Path | None = None, thresholds: dict[str, float] | None = None
+) -> dict[str, Any]:
+    model_dir = (model_dir or shipped_models()).resolve()  # a path, never a bare (shipped) name
     thresholds = thresholds or dict.fromkeys(TARGETS, 0.5)
     images, labels = held_out(n)
     int8 = Classifier(model_dir / "xray_int8.tflite", threads=1)

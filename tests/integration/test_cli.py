@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,29 @@ def test_check_config_checks_what_it_can_beyond_the_file(tmp_path: Path) -> None
     broken.write_bytes(b"not a model")
     vision = tmp_path / "vision.toml"
     vision.write_text(text.replace('mode = "off"', 'mode = "required"', 1)
-                      .replace('model = "/opt/sortgate/models/xray_int8.tflite"', f'model = "{broken}"', 1))
+                      .replace('model = "xray_int8.tflite"', f'model = "{broken}"', 1))
     r = sortgate("check-config", str(vision))
     assert r.returncode == 2 and "vision.model" in r.stderr
+
+
+def test_bench_sweep_writes_its_table_json_and_plot(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "bench", "sweep", "--rates", "4,8", "--seconds", "3", "--idle-s", "1",
+         "--json", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=110,
+    )
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert [row["rate"] for row in result["rows"]] == [4.0, 8.0]
+    for row in result["rows"]:
+        assert row["parcels"] == int(row["rate"] * 3) and row["records_missing"] == 0
+        assert row["wrongly_released"] == 0 and row["cpu_pct"] is not None
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| 4 | 3 |" in md and "| 8 | 3 |" in md
+    png = (tmp_path / "sweep.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_bench_sweep_refuses_bad_rates() -> None:
+    r = sortgate("bench", "sweep", "--rates", "5,-1")
+    assert r.returncode == 2 and "--rates" in r.stderr
