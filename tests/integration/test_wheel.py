@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,7 +19,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.timeout(300)
 def test_a_wheel_carries_the_models_and_runs_the_image_check_outside_the_repository(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)],
+    # from a copy: setuptools builds in the source tree, and the repository stays free of build output
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(src)],
                    check=True, capture_output=True, timeout=240)
     (wheel,) = (tmp_path / "dist").glob("sortgate-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
