@@ -1,3 +1,3 @@
 """sortgate agent: decisions and orchestration. Wire formats live in ``firmware_bridge``."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -9,7 +9,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import agent
 from agent.config import Config, ConfigError, load_config
+
+
+def _cmd_migrate_config(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from agent.config_migrate import migrate_file
+
+    try:
+        changes = migrate_file(args.config, args.write)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        print(f"sortgate migrate-config: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    for line in changes:
+        print(("changed " if args.write else "would change ") + line)
+    if not changes:
+        print(f"{args.config}: nothing to migrate")
+    return 0
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -297,6 +315,7 @@ def _line_args(p: argparse.ArgumentParser, parcels: int, rate: float) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sortgate", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sortgate {agent.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the agent (the daemon)")
@@ -306,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file and print every problem")
     p.add_argument("config", type=Path)
     p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("migrate-config", help="rewrite old defaults that this version names differently "
+                       "(comments and layout kept; the installer runs it on upgrade)")
+    p.add_argument("config", type=Path)
+    p.add_argument("--write", action="store_true", help="change the file (default: only say what would change)")
+    p.set_defaults(func=_cmd_migrate_config)
 
     p = sub.add_parser("sim", help="run a simulated line (simulator, broker, agent) with a live view")
     _line_args(p, parcels=300, rate=5.0)

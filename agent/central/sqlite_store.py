@@ -17,8 +17,52 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+class SchemaTooNew(Exception):
+    """The database was written by a newer sortgate (a schema this version does not know)."""
+
+
+def migrate(conn: sqlite3.Connection, path: Path, schema: str, version: int, steps: dict[int, str]) -> int:
+    """Bring the database to schema ``version``; returns the version it had (0: new).
+
+    ``PRAGMA user_version`` holds the schema version. A new database gets ``schema`` whole; an
+    older one runs ``steps[n]`` (the SQL from n to n + 1) for each step, in one transaction with
+    the version bump, so a crash leaves the old version or the new one. Databases from before
+    versions were kept (user_version 0 with tables) are version 1. A newer one is refused: rolling
+    back across a schema change means restoring the installer's backup of the state."""
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if found == 0 and conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]:
+        found = 1
+    if found > version:
+        raise SchemaTooNew(
+            f"{path}: schema version {found} is newer than this sortgate's ({version}); "
+            "run the newer version, or restore the state backed up before the upgrade"
+        )
+    conn.execute("BEGIN")
+    try:
+        if found == 0:
+            for statement in schema.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        else:
+            for n in range(found, version):
+                for statement in steps[n].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {int(version)}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return found
+
+
 class SqliteStore:
-    def __init__(self, path: Path, schema: str, synchronous: str, thread_name: str) -> None:
+    def __init__(
+        self, path: Path, schema: str, synchronous: str, thread_name: str,
+        version: int = 1, steps: dict[int, str] | None = None,
+    ) -> None:
+        """``schema``: the SQL of schema ``version`` whole; ``steps``: the SQL from each older
+        version to the next (see ``migrate``). Raises SchemaTooNew for a newer database."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
@@ -26,12 +70,20 @@ class SqliteStore:
 
         def _open() -> None:
             conn = sqlite3.connect(path, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={synchronous}")
-            conn.executescript(schema)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={synchronous}")
+                migrate(conn, path, schema, version, steps or {})
+            except BaseException:
+                conn.close()
+                raise
             self._writer = conn
 
-        self._pool.submit(_open).result()
+        try:
+            self._pool.submit(_open).result()
+        except BaseException:
+            self._pool.shutdown()
+            raise
         self.reader = sqlite3.connect(path, isolation_level=None)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -38,6 +38,7 @@ from agent.central.mode_store import ModeStore
 from agent.central.mqtt import MessageMeta, MqttLink, TlsSettings
 from agent.central.outbox import Outbox, OutboxPublisher
 from agent.central.security import KeyRing, read_secret, resolve_secret
+from agent.central.sqlite_store import SchemaTooNew
 from agent.central.verdicts import VerdictStore
 from agent.config import Config
 from agent.pipeline.decision import Mode
@@ -134,7 +135,7 @@ class Agent:
         try:
             self.verdicts = VerdictStore(state / "verdicts.sqlite", cfg.verdicts.default_ttl_s)
             self.outbox = Outbox(state / "outbox.sqlite", cfg.outbox.max_records, cfg.outbox.max_mb * 1024 * 1024)
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, SchemaTooNew) as exc:
             raise StartupError(f"storage.state_dir: {state}: {exc}") from exc
         self.link = ControllerLink(link_settings(cfg))
         self.mqtt = MqttLink(

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from agent.central.messages import VerdictItem
 from agent.central.outbox import REMOVE_AFTER_S, REMOVE_BATCH, Outbox, OutboxPublisher
+from agent.central.sqlite_store import SchemaTooNew, SqliteStore
 from agent.central.verdicts import VerdictStore
 
 T0 = datetime(2026, 11, 30, 8, 0, tzinfo=UTC)
@@ -156,3 +160,32 @@ async def test_cursors_set_together_and_pending_decisions_survive_a_reopen(tmp_p
     assert again.cursor("results") == 5 and again.cursor("controller_boot") == 77
     assert again.pending_decisions() == [("13:3900", b'{"a": 2}')]
     again.close()
+
+
+def test_a_store_migrates_forward_in_steps_and_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    v1 = "CREATE TABLE t (a INTEGER)"
+    store = SqliteStore(path, v1, "FULL", "t", version=1)
+    store.reader.execute("INSERT INTO t VALUES (7)")
+    store.close()
+    v3 = "CREATE TABLE t (a INTEGER, b TEXT); CREATE TABLE u (c INTEGER)"
+    steps = {1: "ALTER TABLE t ADD COLUMN b TEXT", 2: "CREATE TABLE u (c INTEGER)"}
+    store = SqliteStore(path, v3, "FULL", "t", version=3, steps=steps)
+    assert store.read("SELECT a, b FROM t") == [(7, None)]  # the row kept, the column added
+    assert store.read("PRAGMA user_version") == [(3,)] and store.read("SELECT COUNT(*) FROM u") == [(0,)]
+    store.close()
+    with pytest.raises(SchemaTooNew, match="schema version 3 is newer than this sortgate's \\(1\\)"):
+        SqliteStore(path, v1, "FULL", "t", version=1)  # the old version after a rollback
+
+
+def test_stores_from_before_schema_versions_count_as_version_one(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (a INTEGER)")
+    conn.execute("INSERT INTO t VALUES (1)")
+    conn.commit()
+    conn.close()
+    store = SqliteStore(path, "CREATE TABLE t (a INTEGER, b TEXT)", "FULL", "t", version=2,
+                        steps={1: "ALTER TABLE t ADD COLUMN b TEXT"})
+    assert store.read("SELECT a, b FROM t") == [(1, None)]
+    store.close()
