@@ -6,9 +6,9 @@ Run as root with the system Python (3.11+; standard library only), from a releas
 unit and the udev rules side by side) or from a repository checkout with ``--wheel``:
 
     sudo ./install.py install [--wheel sortgate-X.whl] [--find-links DIR --no-index]
-    sudo ./install.py rollback          # back to the previous version, its config and state
-    sudo ./install.py status
-    sudo ./install.py uninstall [--purge]
+    sudo /opt/sortgate/install.py rollback     # back to the previous version, its config and state
+    sudo /opt/sortgate/install.py status
+    sudo /opt/sortgate/install.py uninstall [--purge]   # the installer keeps a copy of itself there
 
 What ``install`` does, in this order, stopping with nothing changed at the first failure before
 the switch:
@@ -341,6 +341,8 @@ def cmd_install(lay: Layout, args: argparse.Namespace) -> int:
     })
     point_current(lay, version)
     save_record(lay, record)
+    if Path(__file__).resolve() != (lay.prefix / "install.py").resolve():
+        shutil.copy2(Path(__file__).resolve(), lay.prefix / "install.py")  # rollback, status, uninstall later
     install_unit_and_rules(lay, args.system)
     say(f"current -> {version}" + (f" (previous: {old})" if old else ""))
     if healthy(lay, args):

@@ -105,6 +105,7 @@ def test_install_upgrade_failed_upgrade_and_rollback_keep_config_and_state(tmp_p
     unit = (tmp_path / "units" / "sortgate.service").read_text()
     assert f"ExecStart={opt}/current/bin/sortgate run" in unit
     assert (tmp_path / "udev" / "99-sortgate.rules").exists()
+    assert (opt / "install.py").read_bytes() == (ROOT / "tools" / "install.py").read_bytes()
     subprocess.run([str(opt / "current" / "bin" / "python"), "-c", FILL, str(state)], check=True, timeout=60)
     before = _rows(state)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from firmware_bridge import contract as c
 from hw_sim.broker import Mosquitto
 from hw_sim.harness import RELEASE_LANE, LineRun, RunSpec, run_line
 from hw_sim.plan import Mix, make_plan
@@ -165,7 +166,7 @@ async def test_contract_version_mismatch_refuses_to_run(broker: Mosquitto, line_
         await run_line(spec, broker=broker)
     text = str(err.value)
     assert "agent exited with 3" in text
-    assert "contract version 2.1 is not supported" in text  # the simulator speaks minor 1
+    assert f"contract version 2.{c.CONTRACT_MINOR} is not supported" in text  # the simulator's minor
 
 
 class _Tty(io.StringIO):
