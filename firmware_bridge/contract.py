@@ -69,6 +69,10 @@ REG_MODE_REQUEST = 33
 REG_MAINT_FIRE_GATE = 34
 
 # --- lane mailbox (writable, one FC16 request) ------------------------------------------
+# 1.2, optional: a copy of the trigger-ring entry of TRIGGER_HEAD, inside the status poll (36..39,
+# no area before 1.2, so it reads 0 from a controller without it: the agent then reads the ring)
+NEWEST_TRIGGER_BASE = 36
+
 MAILBOX_BASE = 40
 MAILBOX_LEN = 3
 REG_CMD_COUNTER = 40
@@ -265,6 +269,7 @@ class Status:
     defaulted_count: int
     agent_heartbeat: int  # echo of the agent area, so a restarted agent continues the count
     boot: int = 0  # CTRL_BOOT (contract 1.1); 0 from a 1.0 controller
+    newest_trigger: TriggerEntry | None = None  # NEWEST_TRIGGER (1.2); None where SEQ reads 0
 
     @classmethod
     def decode(cls, regs: Sequence[int]) -> Status:
@@ -285,6 +290,8 @@ class Status:
             defaulted_count=at(REG_DEFAULTED_COUNT),
             agent_heartbeat=at(REG_AGENT_HEARTBEAT),
             boot=at(REG_CTRL_BOOT),
+            newest_trigger=TriggerEntry.decode(regs, NEWEST_TRIGGER_BASE - POLL_BASE)
+            if at(NEWEST_TRIGGER_BASE) else None,
         )
 
     def problems(self) -> tuple[str, ...]:

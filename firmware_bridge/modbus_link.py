@@ -74,7 +74,7 @@ class ControllerLink:
         self.settings = settings
         self._lock = asyncio.Lock()  # one transaction at a time on the link
         self._mailbox = asyncio.Lock()  # one lane command at a time, with its acknowledgement
-        self._frames: deque[tuple[float, str, str]] = deque(maxlen=recorder_frames)
+        self._frames: deque[tuple[float, bool, bytes]] = deque(maxlen=recorder_frames)
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
         self.identity: c.Identity | None = None
         self.requests = 0
@@ -82,12 +82,12 @@ class ControllerLink:
 
     # --- flight recorder ----------------------------------------------------------------
     def _trace(self, sending: bool, data: bytes) -> bytes:
-        self._frames.append((time.monotonic(), "tx" if sending else "rx", data.hex(" ")))
+        self._frames.append((time.monotonic(), sending, data))  # formatted only when dumped
         return data
 
     def dump_frames(self) -> list[str]:
         now = time.monotonic()
-        return [f"{t - now:+.3f}s {d} {h}" for t, d, h in self._frames]
+        return [f"{t - now:+.3f}s {'tx' if tx else 'rx'} {data.hex(' ')}" for t, tx, data in self._frames]
 
     # --- connection ---------------------------------------------------------------------
     def _make_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:

@@ -63,6 +63,7 @@ class ControllerParams:
     firmware: tuple[int, int, int] = (1, 0, 0)
     contract_major: int = c.CONTRACT_MAJOR
     fc23: bool = True  # implements function 23 (read/write multiple registers), optional since 1.2
+    newest_trigger: bool = True  # mirrors the newest trigger entry at 36..39, optional since 1.2
 
 
 class ControllerModel:
@@ -193,6 +194,8 @@ class ControllerModel:
             during_watchdog=bool(self.status & c.StatusBit.WATCHDOG_TRIPPED),
         )
         self.tracked[entry.seq] = tracked
+        if self.p.newest_trigger:  # contract 1.2, optional: the same entry inside the status block
+            self.regs[c.NEWEST_TRIGGER_BASE : c.NEWEST_TRIGGER_BASE + c.TRIGGER_ENTRY_LEN] = entry.encode()
         self.regs[c.REG_TRIGGER_HEAD] = self.trigger_seq
         return tracked
 

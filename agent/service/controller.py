@@ -273,7 +273,11 @@ class ControllerSupervisor:
         if c.seq_distance(head, status.trigger_head) > len(seqs):
             self.pipeline.state.metrics.count("trigger_ring_overruns")
             log.error("trigger ring overrun: parcels missed (they default to inspection)")
-        entries = await self.link.read_triggers(seqs)
+        newest = status.newest_trigger
+        if seqs == [status.trigger_head] and newest is not None and newest.seq == status.trigger_head:
+            entries = {newest.seq: newest}  # one new trigger, already in the poll (contract 1.2)
+        else:
+            entries = await self.link.read_triggers(seqs)
         for seq in seqs:
             if seq in entries:
                 self.pipeline.on_trigger(entries[seq], status.encoder, cps, now, prev_sent)

@@ -160,6 +160,19 @@ async def test_modbus_rtu_over_a_serial_line(broker: Mosquitto, line_name: str) 
     assert m["records_published"] == 30
 
 
+async def test_a_controller_without_the_optional_1_2_features_works_the_same(broker: Mosquitto, line_name: str) -> None:
+    """No FC 23 (exception 01) and no NEWEST_TRIGGER copy (36..39 read 0): a 1.1 controller. The
+    agent falls back to separate writes and reads and to the trigger ring; every parcel still goes
+    where it must."""
+    plan = make_plan(40, rate=8, seed=16, mix=Mix(reader_misread=0.0))
+    spec = RunSpec(plan=plan, line=line_name, rate=8,
+                   controller_overrides={"fc23": False, "newest_trigger": False})
+    _, m = await run_line(spec, broker=broker)
+    assert m["parcels"] == 40 and m["records_published"] == 40
+    assert m["wrongly_released"] == 0 and m["late"] == 0 and m["missorted"] == 0
+    assert m["released"] == m["expected_release"]
+
+
 async def test_contract_version_mismatch_refuses_to_run(broker: Mosquitto, line_name: str) -> None:
     spec = RunSpec(parcels=5, line=line_name, controller_overrides={"contract_major": 2})
     with pytest.raises(RuntimeError) as err:

@@ -39,6 +39,7 @@ def _doc_rows() -> dict[str, int]:
         ("AGENT_HEARTBEAT", c.REG_AGENT_HEARTBEAT),
         ("MODE_REQUEST", c.REG_MODE_REQUEST), ("MAINT_FIRE_GATE", c.REG_MAINT_FIRE_GATE),
         ("CMD_COUNTER", c.REG_CMD_COUNTER), ("CMD_SEQ", c.REG_CMD_SEQ), ("CMD_LANE", c.REG_CMD_LANE),
+        ("NEWEST_SEQ", c.NEWEST_TRIGGER_BASE),
     ],
 )
 def test_documented_address(name: str, address: int) -> None:
@@ -118,3 +119,14 @@ def test_identity_roundtrip_and_mismatch() -> None:
 
     assert "contract version 2.0 is not supported" in replace(ident, contract_major=2).problems()[0]
     assert "not a sortgate controller" in replace(ident, magic=0x1234).problems()[0]
+
+
+def test_the_newest_trigger_copy_in_the_status_block_is_decoded_and_absent_as_zero() -> None:
+    regs = [0] * c.POLL_LEN
+    assert c.Status.decode(regs).newest_trigger is None  # a 1.0/1.1 controller: 36..39 read 0
+    entry = c.TriggerEntry(513, 0xFFFF_FFF0, 240)
+    at = c.NEWEST_TRIGGER_BASE - c.POLL_BASE
+    regs[at : at + c.TRIGGER_ENTRY_LEN] = entry.encode()
+    assert c.Status.decode(regs).newest_trigger == entry
+    assert c.AGENT_BASE + c.AGENT_LEN == c.NEWEST_TRIGGER_BASE  # between the agent area and the mailbox
+    assert c.NEWEST_TRIGGER_BASE + c.TRIGGER_ENTRY_LEN == c.MAILBOX_BASE
