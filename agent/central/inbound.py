@@ -99,6 +99,7 @@ class Inbound:
         self._pending: dict[bytes, asyncio.Future[bytes]] = {}
         self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verdict-verify")
         self.alive = time.monotonic()  # the handler loop's last turn (for the liveness check)
+        self._waiting = False
         self.commands = Commands(
             cfg, keyring, alarms, mqtt, link, counters, set_mode, status, modes,
             verify_signed=self._verify_one, report_invalid=self._invalid,
@@ -125,15 +126,17 @@ class Inbound:
             return
         self.queue.put_nowait((topic, payload, meta))
 
+    def last_turn(self) -> float:
+        """For the vital-task check: now while it waits for a message, else its last turn."""
+        return time.monotonic() if self._waiting else self.alive
+
     async def run(self) -> None:
         try:
             while True:
                 self.alive = time.monotonic()
-                try:
-                    async with asyncio.timeout(0.5):
-                        topic, payload, meta = await self.queue.get()
-                except TimeoutError:
-                    continue
+                self._waiting = True  # waiting for a message is not being stuck (and needs no timer)
+                topic, payload, meta = await self.queue.get()
+                self._waiting = False
                 try:
                     await self._handle(topic, payload, meta)
                 except Exception as exc:  # one message must never stop the others (logged with its trace)

@@ -59,11 +59,15 @@ class MqttLink:
         tls: TlsSettings | None = None,
         username: str | None = None,
         password: str | None = None,
+        acks_on_paho_thread: bool = False,
     ) -> None:
+        """``on_ack(mid)`` runs on the event loop, or with ``acks_on_paho_thread`` on paho's own
+        thread (then it must be thread-safe: OutboxPublisher.ack_from_thread)."""
         self.host, self.port = host, port
         self.root = topic_root
         self._on_message = on_message
         self._on_ack = on_ack
+        self._acks_on_paho_thread = acks_on_paho_thread
         self._birth = birth
         self.connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -230,4 +234,7 @@ class MqttLink:
         self._call(self._on_message, msg.topic, bytes(msg.payload), meta)
 
     def _cb_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any) -> None:
-        self._call(self._on_ack, mid)
+        if self._acks_on_paho_thread:
+            self._on_ack(mid)  # the receiver is thread-safe and wakes the loop itself when it must
+        else:
+            self._call(self._on_ack, mid)

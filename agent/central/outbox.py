@@ -14,6 +14,8 @@ delete): its ``record_id`` lets consumers drop the duplicate.
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import sqlite3
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from pathlib import Path
 import structlog
 
 from agent.central.sqlite_store import SqliteStore
+from agent.nudge import Nudge
 
 log = structlog.get_logger("sortgate.outbox")
 
@@ -136,14 +139,21 @@ class Outbox:
         self.pending_bytes -= sum(n for _, n in rows)
 
     async def save_decision(self, key: str, body: bytes) -> None:
+        await asyncio.wrap_future(self.save_decision_soon(key, body))
+
+    def save_decision_soon(self, key: str, body: bytes) -> concurrent.futures.Future[None]:
+        """Save a decision on the writer thread, in order with the other writes, without a task or
+        a wake-up of the event loop per parcel; the Future says when it is on disk."""
+        created = time.time()
+
         def upsert(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO decisions(key, body, created) VALUES (?,?,?) "
                 "ON CONFLICT(key) DO UPDATE SET body = excluded.body",
-                (key, body, time.time()),
+                (key, body, created),
             )
 
-        await self.db.write(upsert)
+        return self.db.submit(upsert)
 
     def load_decision(self, key: str) -> bytes | None:
         rows = self.db.read("SELECT body FROM decisions WHERE key = ?", (key,))
@@ -206,7 +216,9 @@ class OutboxPublisher:
         self.window = window
         self._inflight: dict[int, tuple[int, int]] = {}  # mqtt mid -> (row id, payload size)
         self._handed_up_to = 0  # highest row id handed to paho
-        self._wake = asyncio.Event()
+        self._wake = Nudge()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._mids: collections.deque[int] = collections.deque()  # acknowledged on paho's thread
         self._acked: list[tuple[int, int]] = []  # acknowledged rows not yet deleted
         self._acked_since = 0.0  # when the first of them was acknowledged
         self.published = 0
@@ -225,22 +237,34 @@ class OutboxPublisher:
         self._wake.set()
 
     def on_ack(self, mid: int) -> None:
-        """The broker has the record: its row may go. Rows go in batches (REMOVE_BATCH rows, or
-        REMOVE_AFTER_S after the first): an acknowledged row still on disk after a crash is only
-        sent again (central keeps the first of a record_id), never lost."""
+        """The broker has the record (loop thread): its row may go. Rows go in batches
+        (REMOVE_BATCH rows, or REMOVE_AFTER_S after the first): an acknowledged row still on disk
+        after a crash is only sent again (central keeps the first of a record_id), never lost."""
         row = self._inflight.pop(mid, None)
         if row is None:
             return
+        if not self._acked:
+            self._acked_since = time.monotonic()
         self._acked.append(row)
         self.acked += 1
-        if len(self._acked) == 1:
-            self._acked_since = time.monotonic()
-            asyncio.get_running_loop().call_later(REMOVE_AFTER_S, self._wake.set)
         if len(self._acked) >= REMOVE_BATCH or len(self._inflight) == self.window - 1:
             self._wake.set()  # a full batch, or a full window has room again
 
+    def ack_from_thread(self, mid: int) -> None:
+        """``on_ack`` from paho's thread, without waking the event loop for every record: the
+        acknowledgements wait for the publisher's next turn (a new record, or REMOVE_AFTER_S),
+        unless a batch is full or the window is half used."""
+        self._mids.append(mid)  # a deque: safe across threads
+        if self._loop is not None and (len(self._mids) >= REMOVE_BATCH or len(self._inflight) >= self.window // 2):
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _take_acks(self) -> None:
+        while self._mids:
+            self.on_ack(self._mids.popleft())
+
     async def flush(self) -> None:
         """A clean stop: delete the acknowledged rows now (a crash would only resend them)."""
+        self._take_acks()
         if self._acked:
             done, self._acked = self._acked, []
             await self.outbox.remove(done)
@@ -250,9 +274,12 @@ class OutboxPublisher:
         self._wake.set()
 
     async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
         while True:
-            await self._wake.wait()
+            # records in flight: look at their acknowledgements at least every REMOVE_AFTER_S
+            await self._wake.wait(REMOVE_AFTER_S if self._inflight or self._acked or self._mids else None)
             self._wake.clear()
+            self._take_acks()
             if self._acked and (
                 len(self._acked) >= REMOVE_BATCH or time.monotonic() - self._acked_since >= REMOVE_AFTER_S
             ):

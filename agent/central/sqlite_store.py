@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,6 +90,11 @@ class SqliteStore:
         """Run ``fn(writer_connection)`` on the writer thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._with_writer, fn)
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        """``fn(writer_connection)`` on the writer thread, without waking the event loop when it
+        is done (a write nobody waits for; its Future tells how it went)."""
+        return self._pool.submit(self._with_writer, fn)
 
     def _with_writer(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         assert self._writer is not None

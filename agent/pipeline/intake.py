@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from agent.nudge import Nudge
 from agent.pipeline.decision import ReaderOutcome
 from agent.pipeline.matching import Capture, Matcher, Note, Outcome, SourceSpec, capture_interval
 from agent.pipeline.parcel import Parcel
@@ -77,7 +78,7 @@ class Intake:
         self.publish_s = cfg.controller.trigger_publish_ms / 1000
         self.trigger_hooks: list[Callable[[], None]] = []  # e.g. a capture source grabbing a frame
         self._trailing: dict[int, int] = {}  # seq -> encoder count at which its trailing edge passes
-        self.poll_now = asyncio.Event()  # set when an input waits for the next controller poll
+        self.poll_now = Nudge()  # set when an input waits for the next controller poll
         self._close_timer: asyncio.TimerHandle | None = None  # wakes tick() when a window closes
         self._close_at = float("inf")
 

@@ -11,6 +11,7 @@ soon as a parcel is decided (``keep``), and tracked so that a stop can wait for 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from typing import Any
 
@@ -34,9 +35,10 @@ class Recorder:
         self.publisher = publisher
         self.config_hash = config_hash
         self._jobs: asyncio.Queue[RecordJob] = asyncio.Queue()
-        self._saving: set[asyncio.Task[None]] = set()
+        self._saving: set[concurrent.futures.Future[None]] = set()  # decision parts being saved
         self._queued: set[str] = set()  # parcels whose record is queued, not yet committed
         self.alive = time.monotonic()  # the loop's last turn (liveness)
+        self._waiting = False
 
     def cursor(self) -> int | None:
         """The last result-ring sequence already turned into a record (None on a first start)."""
@@ -79,9 +81,15 @@ class Recorder:
     def keep(self, p: Parcel, part: dict[str, Any]) -> None:
         """Keep the decision half of the record in memory and on disk until the result comes."""
         p.part = part
-        task = asyncio.create_task(self.publisher.outbox.save_decision(p.key, messages.dumps(part)))
-        self._saving.add(task)
-        task.add_done_callback(self._saving.discard)
+        saving = self.publisher.outbox.save_decision_soon(p.key, messages.dumps(part))
+        self._saving.add(saving)
+        saving.add_done_callback(self._saved)  # on the writer thread
+
+    def _saved(self, saving: concurrent.futures.Future[None]) -> None:
+        self._saving.discard(saving)
+        exc = saving.exception()
+        if exc is not None:  # the record itself is still written at the result (it keeps the part)
+            log.error("decision not saved; a restart before its result would lose it", error=str(exc))
 
     def on_result(self, entry: c.ResultEntry) -> None:
         key = decision_key(entry.seq, entry.encoder)
@@ -118,21 +126,23 @@ class Recorder:
     def queue_alarm(self, record_id: str, payload: bytes) -> None:
         self._jobs.put_nowait(RecordJob(record_id, "alarms", payload))
 
+    def last_turn(self) -> float:
+        """For the vital-task check: now while it waits for work, else its last turn."""
+        return time.monotonic() if self._waiting else self.alive
+
     async def drain(self) -> None:
         """Wait for decision parts still being saved (a clean stop)."""
         if self._saving:
-            await asyncio.gather(*self._saving, return_exceptions=True)
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in list(self._saving)), return_exceptions=True)
 
     async def run(self) -> None:
         """Commit records to the outbox in order. While it cannot store, nothing is released."""
         root = self.state.cfg.topic_root
         while True:
             self.alive = time.monotonic()
-            try:
-                async with asyncio.timeout(0.5):
-                    job = await self._jobs.get()
-            except TimeoutError:
-                continue
+            self._waiting = True  # waiting for work is not being stuck (and needs no timer)
+            job = await self._jobs.get()
+            self._waiting = False
             while True:
                 self.alive = time.monotonic()
                 try:

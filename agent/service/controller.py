@@ -287,12 +287,7 @@ class ControllerSupervisor:
         must learn which triggers exist, an image ahead of its trigger), but never sooner than
         poll_interval_ms after the last: a flood of frames cannot flood the link."""
         cc = self.cfg.controller
-        if not self.pipeline.poll_now.is_set():
-            try:
-                async with asyncio.timeout(cc.idle_poll_ms / 1000):  # never wait_for: it can swallow a cancel on 3.11
-                    await self.pipeline.poll_now.wait()
-            except TimeoutError:
-                pass
+        await self.pipeline.poll_now.wait(cc.idle_poll_ms / 1000)
         if (gap := sent + cc.poll_interval_ms / 1000 - time.monotonic()) > 0:
             await asyncio.sleep(gap)
         self.pipeline.poll_now.clear()

@@ -144,7 +144,7 @@ class Agent:
             topic_root=cfg.topic_root, keepalive_s=cfg.mqtt.keepalive_s,
             reconnect_max_s=cfg.mqtt.reconnect_max_s, on_message=self._on_mqtt,
             on_ack=self._on_ack, birth=self._birth, tls=tls, username=cfg.mqtt.username,
-            password=password,
+            password=password, acks_on_paho_thread=True,
         )
         self.publisher = OutboxPublisher(self.outbox, self._publish)
         self.mqtt.on_connected = self.publisher.on_connected
@@ -184,8 +184,8 @@ class Agent:
             cfg, self.link, self.pipeline, healthy=lambda: not self.vitals.stalled
         )
         # each vital loop marks every turn (at least twice a second); paho's thread must be alive
-        self.vitals.watch("inbound", lambda: self.inbound.alive)
-        self.vitals.watch("recorder", lambda: self.pipeline.recorder.alive)
+        self.vitals.watch("inbound", self.inbound.last_turn)
+        self.vitals.watch("recorder", self.pipeline.recorder.last_turn)
         self.vitals.watch("controller", lambda: self.supervisor.alive, slack_s=cfg.controller.reconnect_max_s)
         self.vitals.require("mqtt", lambda: self.mqtt.thread_alive or self.mqtt.stopping)
         self.stats = StatsReporter(cfg, self.metrics, self.pipeline.state)
@@ -252,8 +252,8 @@ class Agent:
     def _publish(self, topic: str, payload: bytes) -> int | None:
         return self.mqtt.publish(topic, payload, qos=1)
 
-    def _on_ack(self, mid: int) -> None:
-        self.publisher.on_ack(mid)
+    def _on_ack(self, mid: int) -> None:  # paho's thread
+        self.publisher.ack_from_thread(mid)
 
     def _on_mqtt(self, topic: str, payload: bytes, meta: MessageMeta) -> None:
         self.inbound.offer(topic, payload, meta)
