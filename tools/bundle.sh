@@ -35,9 +35,11 @@ cp "$wheel" tools/constraints.txt tools/install.py config/sortgate.example.toml 
    systemd/sortgate.service systemd/99-sortgate.rules "$out/"
 if [[ "${1:-}" == "--wheelhouse" ]]; then
     arch=${2:?--wheelhouse needs an architecture: aarch64 or x86_64}
+    # Raspberry Pi OS and Debian bookworm have glibc 2.36: any manylinux wheel up to 2_36 runs there
+    platforms=(--platform "manylinux2014_$arch")
+    for minor in $(seq 17 36); do platforms+=(--platform "manylinux_2_${minor}_$arch"); done
     "$PY" -m pip download -q --only-binary=:all: --python-version 3.11 --implementation cp \
-        --platform "manylinux2014_$arch" --platform "manylinux_2_28_$arch" --platform "manylinux_2_17_$arch" \
-        -r tools/constraints.txt -d "$out/wheels"
+        "${platforms[@]}" -r tools/constraints.txt -d "$out/wheels"
 fi
 tar -C dist -czf "dist/sortgate-$version.tar.gz" "sortgate-$version"
 echo "dist/sortgate-$version.tar.gz"

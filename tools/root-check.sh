@@ -44,7 +44,8 @@ if [[ ! -x $root/usr/bin/python3 ]]; then
 fi
 
 echo "== bundle"
-bundle=$(tools/bundle.sh | tail -1)
+# with every dependency's wheel: the root installs offline (no PyPI, nor the host's CA certificates)
+bundle=$(tools/bundle.sh --wheelhouse "$( [[ $arch == arm64 ]] && echo aarch64 || echo x86_64 )" | tail -1)
 version=$(basename "$bundle" .tar.gz | cut -d- -f2)
 rm -rf "$root/tmp/sortgate-"* && tar -xzf "$bundle" -C "$root/tmp"
 
@@ -88,7 +89,8 @@ in_root() {
 echo "== in the root: $(in_root uname -m), $(in_root python3 --version)"
 in_root rm -rf /opt/sortgate
 echo "== install.py install (no systemd in a chroot: --no-system)"
-in_root python3 "/tmp/sortgate-$version/install.py" --no-system install
+in_root python3 "/tmp/sortgate-$version/install.py" --no-system install \
+    --find-links "/tmp/sortgate-$version/wheels" --no-index
 sg=/opt/sortgate/current/bin/sortgate
 echo "== sortgate --version"
 in_root $sg --version
