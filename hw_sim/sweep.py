@@ -132,7 +132,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set(xlabel="parcels / s", title="Agent CPU")
     ax.legend()
     ax = axes[2]
-    ax.bar(rates, [r["late"] for r in rows], width=1.0)
+    late = [r["late"] for r in rows]
+    ax.bar(rates, late, width=1.0)
+    ax.set_ylim(0, max([*late, 1]) * 1.2)
+    for rate, n in zip(rates, late, strict=True):
+        ax.annotate(str(n), (rate, n), ha="center", va="bottom")
     ax.set(xlabel="parcels / s", ylabel="parcels", title="Late (command after the decision point)")
     for ax in axes:
         ax.grid(alpha=0.3)
