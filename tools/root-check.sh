@@ -60,26 +60,9 @@ mount --rbind /sys "$root/sys"
 mount --bind /dev "$root/dev"
 mount --bind /dev/pts "$root/dev/pts"
 if [[ $arch == arm64 && $(uname -m) != aarch64 ]]; then
-    cat > "$root/tmp/cpuinfo" <<'CPU'
-processor	: 0
-BogoMIPS	: 108.00
-Features	: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
-CPU implementer	: 0x41
-CPU architecture: 8
-CPU variant	: 0x4
-CPU part	: 0xd0b
-CPU revision	: 1
-
-processor	: 1
-BogoMIPS	: 108.00
-Features	: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
-CPU implementer	: 0x41
-CPU architecture: 8
-CPU variant	: 0x4
-CPU part	: 0xd0b
-CPU revision	: 1
-
-CPU
+    for n in 0 1; do  # a Cortex-A76 (a Pi 5's core), two of them
+        printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n' "$n"
+    done > "$root/tmp/cpuinfo"
     mount --bind "$root/tmp/cpuinfo" "$root/proc/cpuinfo"
 fi
 
