@@ -136,7 +136,7 @@ class Inbound:
                 self.alive = time.monotonic()
                 self._waiting = True  # waiting for a message is not being stuck (and needs no timer)
                 topic, payload, meta = await self.queue.get()
-                self._waiting = False
+                self._waiting, self.alive = False, time.monotonic()  # its turn starts now, not when it began to wait
                 try:
                     await self._handle(topic, payload, meta)
                 except Exception as exc:  # one message must never stop the others (logged with its trace)

@@ -142,7 +142,7 @@ class Recorder:
             self.alive = time.monotonic()
             self._waiting = True  # waiting for work is not being stuck (and needs no timer)
             job = await self._jobs.get()
-            self._waiting = False
+            self._waiting, self.alive = False, time.monotonic()  # its turn starts now, not when it began to wait
             while True:
                 self.alive = time.monotonic()
                 try:

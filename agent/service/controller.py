@@ -238,9 +238,11 @@ class ControllerSupervisor:
         self.connected.set()
         while True:
             sent = self.alive = time.monotonic()
-            if sent >= next_hb and self.healthy():
-                # only a whole agent keeps the controller's watchdog fed: with a dead task the
-                # watchdog trips and the controller sends every parcel to inspection
+            # only a whole agent keeps the controller's watchdog fed: with a dead task the watchdog
+            # trips and the controller sends every parcel to inspection. With FC 23 the heartbeat
+            # rides on every poll (the same transaction, no cost): a stalled event loop then shows
+            # at the controller as the stall itself, not the stall plus a heartbeat period
+            if (sent >= next_hb or self.link.fc23) and self.healthy():
                 hb = c.next_seq(hb)
                 status = await self.link.heartbeat_poll(hb)  # one transaction where it can be
                 next_hb = sent + hb_s
@@ -266,7 +268,7 @@ class ControllerSupervisor:
             self._heads = (trigger_head, result_head)
             self.pipeline.on_poll(sent, now, prev_sent, status.encoder, cps)
             prev_sent = sent
-            await self._until_next_poll(sent)
+            await self._until_next_poll(sent, next_hb)
 
     async def _read_triggers(self, head: int, status: c.Status, cps: float, now: float, prev_sent: float) -> None:
         seqs = c.ring_entries_between(head, status.trigger_head, c.TRIGGER_RING_LEN)
@@ -282,12 +284,15 @@ class ControllerSupervisor:
             if seq in entries:
                 self.pipeline.on_trigger(entries[seq], status.encoder, cps, now, prev_sent)
 
-    async def _until_next_poll(self, sent: float) -> None:
-        """The next poll at the idle period, or sooner when an input waits for it (a frame that
-        must learn which triggers exist, an image ahead of its trigger), but never sooner than
-        poll_interval_ms after the last: a flood of frames cannot flood the link."""
+    async def _until_next_poll(self, sent: float, next_hb: float) -> None:
+        """The next poll at the idle period, or when the heartbeat is due (it rides on a poll: the
+        controller's watchdog must see it every heartbeat_interval_ms, not up to an idle period
+        later), or sooner when an input waits for it (a frame that must learn which triggers
+        exist, an image ahead of its trigger), but never sooner than poll_interval_ms after the
+        last: a flood of frames cannot flood the link."""
         cc = self.cfg.controller
-        await self.pipeline.poll_now.wait(cc.idle_poll_ms / 1000)
+        wait = min(cc.idle_poll_ms / 1000, max(next_hb - time.monotonic(), 0.0))
+        await self.pipeline.poll_now.wait(wait)
         if (gap := sent + cc.poll_interval_ms / 1000 - time.monotonic()) > 0:
             await asyncio.sleep(gap)
         self.pipeline.poll_now.clear()

@@ -3,7 +3,9 @@ controller link and a real SQLite verdict store. No broker."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -104,3 +106,30 @@ def test_retained_input_and_unknown_topics_are_ignored(inbound: Any) -> None:
     assert ib.queue.empty() and ib.counters["inbound_retained"] == 1
     ib.offer(f"{ROOT}/verdicts/answer", b"{}", MessageMeta(correlation=b"nobody"))
     assert ib.counters["answers_unexpected"] == 1
+
+
+async def test_a_long_wait_for_a_message_never_looks_like_a_stall_when_the_message_comes(inbound: Any) -> None:
+    """The vital-task check reads last_turn(): waiting counts as alive, and a message taken after a
+    long wait starts a new turn (it once kept the wait's start, so the agent looked stuck and its
+    heartbeats stopped the moment a verdict flood arrived after a quiet spell)."""
+    ib = inbound[0]
+    started: list[float] = []
+    release = asyncio.Event()
+
+    async def slow_handle(topic: str, payload: bytes, meta: MessageMeta) -> None:
+        started.append(time.monotonic())
+        await release.wait()
+
+    ib._handle = slow_handle
+    task = asyncio.create_task(ib.run())
+    try:
+        await asyncio.sleep(0.3)  # a quiet spell
+        assert time.monotonic() - ib.last_turn() < 0.05  # waiting: alive
+        ib.offer(f"{ROOT}/verdicts", b"{}", MessageMeta())
+        while not started:
+            await asyncio.sleep(0.01)
+        assert ib.last_turn() >= started[0] - 0.05  # the turn began with the message, not the wait
+    finally:
+        release.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
