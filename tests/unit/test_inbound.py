@@ -114,10 +114,11 @@ async def test_a_long_wait_for_a_message_never_looks_like_a_stall_when_the_messa
     heartbeats stopped the moment a verdict flood arrived after a quiet spell)."""
     ib = inbound[0]
     started: list[float] = []
-    release = asyncio.Event()
+    taken, release = asyncio.Event(), asyncio.Event()
 
     async def slow_handle(topic: str, payload: bytes, meta: MessageMeta) -> None:
         started.append(time.monotonic())
+        taken.set()
         await release.wait()
 
     ib._handle = slow_handle
@@ -126,8 +127,8 @@ async def test_a_long_wait_for_a_message_never_looks_like_a_stall_when_the_messa
         await asyncio.sleep(0.3)  # a quiet spell
         assert time.monotonic() - ib.last_turn() < 0.05  # waiting: alive
         ib.offer(f"{ROOT}/verdicts", b"{}", MessageMeta())
-        while not started:
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(2):
+            await taken.wait()
         assert ib.last_turn() >= started[0] - 0.05  # the turn began with the message, not the wait
     finally:
         release.set()
