@@ -24,7 +24,7 @@ from pathlib import Path
 
 import structlog
 
-from agent.central.sqlite_store import SqliteStore
+from agent.central.sqlite_store import SqliteStore, transaction
 from agent.nudge import Nudge
 
 log = structlog.get_logger("sortgate.outbox")
@@ -98,8 +98,7 @@ class Outbox:
             )
 
         def insert(conn: sqlite3.Connection) -> int:
-            conn.execute("BEGIN")
-            try:
+            with transaction(conn):
                 cur = conn.execute(
                     "INSERT INTO outbox(record_id, topic, payload, created) VALUES (?,?,?,?)",
                     (record_id, topic, payload, time.time()),
@@ -112,10 +111,6 @@ class Outbox:
                     )
                 if done_decision is not None:
                     conn.execute("DELETE FROM decisions WHERE key = ?", (done_decision,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             return int(cur.lastrowid or 0)
 
         row = await self.db.write(insert)
@@ -127,13 +122,8 @@ class Outbox:
         """Delete acknowledged rows, given as (row id, payload size)."""
 
         def delete(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN")  # one commit for the batch, not one per row
-            try:
+            with transaction(conn):  # one commit for the batch, not one per row
                 conn.executemany("DELETE FROM outbox WHERE id = ?", [(r,) for r, _ in rows])
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
 
         await self.db.write(delete)
         self.pending_records -= len(rows)
@@ -180,17 +170,12 @@ class Outbox:
         """Set cursors durably, in one transaction."""
 
         def upsert(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN")
-            try:
+            with transaction(conn):
                 conn.executemany(
                     "INSERT INTO cursors(name, value) VALUES (?, ?) "
                     "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
                     list(values.items()),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
 
         await self.db.write(upsert)
 

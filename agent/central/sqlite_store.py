@@ -9,12 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One explicit transaction on an autocommit connection: committed whole, or rolled back."""
+    conn.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 class SchemaTooNew(Exception):
@@ -37,22 +50,13 @@ def migrate(conn: sqlite3.Connection, path: Path, schema: str, version: int, ste
             f"{path}: schema version {found} is newer than this sortgate's ({version}); "
             "run the newer version, or restore the state backed up before the upgrade"
         )
-    conn.execute("BEGIN")
-    try:
-        if found == 0:
-            for statement in schema.split(";"):
+    scripts = [schema] if found == 0 else [steps[n] for n in range(found, version)]
+    with transaction(conn):
+        for script in scripts:
+            for statement in script.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-        else:
-            for n in range(found, version):
-                for statement in steps[n].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {int(version)}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return found
 
 
