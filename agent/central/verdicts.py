@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from agent.central.messages import VerdictItem
-from agent.central.sqlite_store import SqliteStore
+from agent.central.sqlite_store import SqliteStore, transaction
 from agent.pipeline.decision import VerdictLookup
 from agent.pipeline.waybill import normalize
 
@@ -69,29 +69,28 @@ class VerdictStore:
         seen = [(it.verdict_id, digest(it), r[4]) for it, r in zip(items, rows, strict=True)]
 
         def upsert(conn: sqlite3.Connection) -> int:
-            conn.execute("BEGIN")
-            conn.executemany(
-                "INSERT INTO seen(verdict_id, digest, expires_at) VALUES (?,?,?) ON CONFLICT DO NOTHING",
-                seen,
-            )
-            before = conn.total_changes
-            conn.executemany(
-                """INSERT INTO verdicts(waybill, verdict, verdict_id, issued_at, expires_at, received_at)
-                   VALUES (?,?,?,?,?,?)
-                   ON CONFLICT(waybill) DO UPDATE SET
-                     verdict=excluded.verdict, verdict_id=excluded.verdict_id,
-                     issued_at=excluded.issued_at, expires_at=excluded.expires_at,
-                     received_at=excluded.received_at
-                   WHERE excluded.issued_at > verdicts.issued_at
-                      OR (excluded.issued_at = verdicts.issued_at
-                          AND {rank_new} > {rank_old})""".format(
-                    rank_new=_rank("excluded.verdict"), rank_old=_rank("verdicts.verdict")
-                ),
-                rows,
-            )
-            changed = conn.total_changes - before
-            conn.execute("DELETE FROM seen WHERE expires_at < ?", (now - 86_400,))
-            conn.execute("COMMIT")
+            with transaction(conn):
+                conn.executemany(
+                    "INSERT INTO seen(verdict_id, digest, expires_at) VALUES (?,?,?) ON CONFLICT DO NOTHING",
+                    seen,
+                )
+                before = conn.total_changes
+                conn.executemany(
+                    """INSERT INTO verdicts(waybill, verdict, verdict_id, issued_at, expires_at, received_at)
+                       VALUES (?,?,?,?,?,?)
+                       ON CONFLICT(waybill) DO UPDATE SET
+                         verdict=excluded.verdict, verdict_id=excluded.verdict_id,
+                         issued_at=excluded.issued_at, expires_at=excluded.expires_at,
+                         received_at=excluded.received_at
+                       WHERE excluded.issued_at > verdicts.issued_at
+                          OR (excluded.issued_at = verdicts.issued_at
+                              AND {rank_new} > {rank_old})""".format(
+                        rank_new=_rank("excluded.verdict"), rank_old=_rank("verdicts.verdict")
+                    ),
+                    rows,
+                )
+                changed = conn.total_changes - before
+                conn.execute("DELETE FROM seen WHERE expires_at < ?", (now - 86_400,))
             return changed
 
         return await self.db.write(upsert)
