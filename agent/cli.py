@@ -1,4 +1,4 @@
-"""Command line: ``sortgate run | check-config | sim | bench line | sweep | identity``."""
+"""Command line: ``sortgate run | check-config | status | maintenance | gate | reader | sim | bench ...``."""
 
 from __future__ import annotations
 
@@ -331,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path)
     p.add_argument("--write", action="store_true", help="change the file (default: only say what would change)")
     p.set_defaults(func=_cmd_migrate_config)
+
+    from agent.service.local_cli import add_commands
+
+    add_commands(sub)
 
     p = sub.add_parser("sim", help="run a simulated line (simulator, broker, agent) with a live view")
     _line_args(p, parcels=300, rate=5.0)

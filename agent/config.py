@@ -286,6 +286,19 @@ class HealthConfig(_Strict):
     result_timeout_s: float = Field(10.0, ge=1, le=600, description="Wait this long for a parcel's result")
 
 
+class ControlConfig(_Strict):
+    socket: Path | None = Field(
+        None,
+        description="Unix socket for sortgate status and the technician commands; default {state_dir}/control.sock",
+    )
+
+    @model_validator(mode="after")
+    def _short(self) -> ControlConfig:
+        if self.socket is not None and len(str(self.socket).encode()) > 107:
+            raise ValueError(f"socket: {self.socket} is longer than 107 bytes (a Unix socket path cannot be)")
+        return self
+
+
 class Config(_Strict):
     line: LineConfig
     controller: ControllerConfig
@@ -300,6 +313,7 @@ class Config(_Strict):
     logging: LoggingConfig = LoggingConfig()
     health: HealthConfig = HealthConfig()
     vision: VisionConfig = VisionConfig()
+    control: ControlConfig = ControlConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> Config:

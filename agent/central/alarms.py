@@ -3,7 +3,8 @@
 A *condition* (controller offline, jam, a reader offline, the outbox filling) is published once when
 it becomes active and once when it clears — never repeated while it lasts. An *event* (a rejected
 verdict, a malformed message) is published at most once per kind per ``event_quiet_s``, carrying how
-many occurred since the last one, so a flood of bad input cannot flood the broker.
+many occurred since the last one, so a flood of bad input cannot flood the broker. An *audit*
+alarm (``technician_action``: a mode change or a gate test made at the box) is published every time.
 
 Alarms go through the durable outbox like parcel records (QoS 1, idempotent ``alarm_id``).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +25,9 @@ log = structlog.get_logger("sortgate.alarms")
 
 Sink = Callable[[str, bytes], None]
 
+#: alarm messages kept in memory for sortgate status (newest last)
+RECENT = 50
+
 
 class Alarms:
     def __init__(self, site: str, line: str, sink: Sink, event_quiet_s: float = 10.0) -> None:
@@ -33,6 +38,7 @@ class Alarms:
         self._events: dict[str, tuple[float, int]] = {}  # kind -> (last published, suppressed count)
         self._boot = f"{int(time.time() * 1000):x}"
         self._n = itertools.count(1)
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)  # newest last, for sortgate status
 
     def condition(self, kind: str, active: bool, detail: str, subject: str | None = None) -> None:
         key = (kind, subject)
@@ -47,6 +53,11 @@ class Alarms:
         )
         self._emit(kind, active, detail, subject=subject)
 
+    def audit(self, kind: str, detail: str, **extra: Any) -> None:
+        """A person's action at the line (a mode change, a gate test): published every time."""
+        log.warning("technician action", alarm=kind, detail=detail, **extra)
+        self._emit(kind, True, detail, **extra)
+
     def event(self, kind: str, detail: str, **extra: Any) -> None:
         """A one-off occurrence; published at most once per kind per ``event_quiet_s``."""
         now = time.monotonic()
@@ -60,4 +71,5 @@ class Alarms:
     def _emit(self, kind: str, active: bool, detail: str, **extra: Any) -> None:
         alarm_id = f"{self.site}:{self.line}:alarm:{self._boot}:{next(self._n)}"
         body = messages.alarm(kind, active, detail, alarm_id=alarm_id, site=self.site, line=self.line, **extra)
+        self.recent.append(body)
         self._sink(alarm_id, messages.dumps(body))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
+from collections import deque
 from typing import Any
 
 import structlog
@@ -29,6 +30,10 @@ log = structlog.get_logger("sortgate.recorder")
 __all__ = ["Recorder"]
 
 
+#: records kept in memory for ``sortgate status`` (newest last)
+RECENT = 20
+
+
 class Recorder:
     def __init__(self, state: LineState, publisher: OutboxPublisher, config_hash: str) -> None:
         self.state = state
@@ -39,6 +44,7 @@ class Recorder:
         self._queued: set[str] = set()  # parcels whose record is queued, not yet committed
         self.alive = time.monotonic()  # the loop's last turn (liveness)
         self._waiting = False
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)  # the newest records, for sortgate status
 
     def cursor(self) -> int | None:
         """The last result-ring sequence already turned into a record (None on a first start)."""
@@ -120,6 +126,7 @@ class Recorder:
     ) -> None:
         line = self.state.cfg.line
         record = parcel_record(line.site, line.line, self.config_hash, seq, encoder, part, result)
+        self.recent.append(record)  # the dict, not a copy: nothing changes it after this
         self._queued.add(key)
         self._jobs.put_nowait(RecordJob(record["record_id"], "parcels", messages.dumps(record), cursor, key))
 

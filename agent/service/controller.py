@@ -77,6 +77,11 @@ class ControllerSupervisor:
         self._boot: int | None = None
         self._heads: tuple[int, int] | None = None  # (trigger head, result head reached)
         self._hb = (-1, 0.0)  # CTRL_HEARTBEAT and when it last changed
+        # for sortgate status: the last status read and when; why and since when the link is down
+        self.status: c.Status | None = None
+        self.polled_at = 0.0
+        self.error: str | None = "not connected yet"
+        self.down_since = time.time()
 
     def check_identity(self, ident: c.Identity) -> None:
         """Refuse a controller whose constants do not fit this line's config."""
@@ -116,6 +121,7 @@ class ControllerSupervisor:
                 if failing:
                     log.info("controller link recovered")
                 failing = False
+                self.error = None
                 backoff.reset()
                 await self._session()
             except ContractMismatch:
@@ -123,10 +129,14 @@ class ControllerSupervisor:
             except ControllerRestarted as exc:
                 # a new session settles the parcels in flight (after the usual short delay: a
                 # controller whose heads keep going back must not spin this loop)
+                self.error, self.down_since = f"controller restarted: {exc}", time.time()
                 self.connected.clear()
                 self.pipeline.set_problems(("controller_offline",))
                 log.warning("controller restarted; starting a new session", why=str(exc))
             except LinkError as exc:
+                if self.error is None:
+                    self.down_since = time.time()
+                self.error = str(exc)
                 self.connected.clear()
                 self.pipeline.set_problems(("controller_offline",))
                 if not failing:
@@ -251,7 +261,8 @@ class ControllerSupervisor:
                     log.info("controller does not implement function 23: writes and reads go separately")
             else:
                 status = await self.link.poll()
-            now = time.monotonic()
+            now = self.polled_at = time.monotonic()
+            self.status = status
             cps = self.speed.update(now, status.encoder)
             self._check_restart(status)
             self.pipeline.set_problems(status.problems() + self._frozen(status.ctrl_heartbeat, now))

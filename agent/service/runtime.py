@@ -11,6 +11,7 @@ Task map (all on one asyncio loop, in one TaskGroup; see docs/code-overview.md):
   housekeeping   read-window expiry, missing results, systemd watchdog, stats, outbox fill
   readiness      sd_notify READY / STATUS as the controller link comes and goes
   images         FolderSource / CaptureSource: X-ray images → Pipeline (intake; vision on)
+  control        ControlServer: the local socket of sortgate status and the technician commands
 
 Threads besides the loop: paho's network thread, the outbox writer and the verdict writer (one
 each, SQLite commits), the vision worker (inference, image files), a capture reader when the image
@@ -46,9 +47,12 @@ from agent.pipeline.pipeline import Pipeline
 from agent.pipeline.state import Metrics
 from agent.service.controller import ControllerSupervisor
 from agent.service.health import ClockWatch, SystemdNotifier, Vitals
+from agent.service.local import LocalControl
+from agent.service.monitor import ReaderMonitor
 from agent.service.stats import StatsReporter
 from firmware_bridge.errors import ContractMismatch
 from firmware_bridge.modbus_link import ControllerLink, LinkSettings
+from firmware_bridge.reader_codec import Event as ReaderEvent
 from firmware_bridge.reader_codec import FrameDecoder
 from firmware_bridge.serial_port import ReaderPort
 
@@ -194,12 +198,14 @@ class Agent:
             ReaderPort(
                 r.name, r.device,
                 FrameDecoder(*r.frame_bytes, r.noread, r.multi_read_delimiter, r.max_frame_bytes, r.counter_format),
-                on_event=self.pipeline.intake.on_reader_event, on_state=self._reader_state,
+                on_event=self._reader_event, on_state=self._reader_state,
                 line=r.serial_line,
             )
             for r in cfg.readers
         ]
         self._reader_up: dict[str, bool] = {}
+        self.reader_monitor = ReaderMonitor({r.name: r.device for r in cfg.readers})
+        self.local = LocalControl(self)
 
     # --- callbacks ----------------------------------------------------------------------
     def _birth(self) -> dict[str, Any]:
@@ -237,6 +243,7 @@ class Agent:
         return out
 
     def _mqtt_state(self, up: bool, detail: str) -> None:
+        self.local.mqtt_state(up, detail)
         self.alarms.condition("mqtt_offline", not up, detail)
 
     def _set_mode(self, mode: Mode) -> None:
@@ -258,7 +265,12 @@ class Agent:
     def _on_mqtt(self, topic: str, payload: bytes, meta: MessageMeta) -> None:
         self.inbound.offer(topic, payload, meta)
 
+    def _reader_event(self, name: str, event: ReaderEvent, t: float) -> None:
+        self.reader_monitor.on_event(name, event)
+        self.pipeline.intake.on_reader_event(name, event, t)
+
     def _reader_state(self, name: str, up: bool, detail: str) -> None:
+        self.reader_monitor.on_state(name, up, detail)
         if self._reader_up.get(name) != up:
             (log.info if up else log.error)("reader " + ("online" if up else "offline"), reader=name, detail=detail)
             if name in self._reader_up or not up:
@@ -318,6 +330,7 @@ class Agent:
                 tg.create_task(self.outbox.prune_decisions(older_than_s=3600), name="prune")
                 tg.create_task(self._housekeeping(), name="housekeeping")
                 tg.create_task(self._report_readiness(), name="readiness")
+                tg.create_task(self.local.server.run(), name="control")
                 if self.image_source is not None:
                     tg.create_task(self.image_source.run(), name="images")
                 # A failing task (a contract mismatch in "controller") cancels this wait and

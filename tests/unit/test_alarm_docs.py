@@ -21,7 +21,7 @@ def raised_in_code() -> set[str]:
     kinds = set()
     for path in (ROOT / "agent").rglob("*.py"):
         text = path.read_text()
-        kinds |= set(re.findall(r"\.(?:event|condition)\(\s*\"([a-z_]+)\"", text))
+        kinds |= set(re.findall(r"\.(?:event|condition|audit)\(\s*\"([a-z_]+)\"", text))
     return kinds
 
 
