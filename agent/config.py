@@ -10,6 +10,7 @@ The fully commented example is ``config/sortgate.example.toml``.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -295,7 +296,37 @@ class ControlConfig(_Strict):
     @model_validator(mode="after")
     def _short(self) -> ControlConfig:
         if self.socket is not None and len(str(self.socket).encode()) > 107:
-            raise ValueError(f"socket: {self.socket} is longer than 107 bytes (a Unix socket path cannot be)")
+            raise ValueError(f"socket {self.socket} is longer than 107 bytes (a Unix socket path cannot be)")
+        return self
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ConsoleConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Where the local web console listens (sortgate console)")
+    port: int = Field(8470, ge=1, le=65535)
+    users_file: Path | None = Field(
+        None, description="Console users: lines of 'name:role:scrypt-hash' (sortgate console adduser)"
+    )
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    journal_days: float = Field(7.0, gt=0, le=90, description="Parcel records kept locally for the console")
+
+    @model_validator(mode="after")
+    def _exposed(self) -> ConsoleConfig:
+        if not _loopback(self.host) and self.users_file is None:
+            raise ValueError(
+                f"host {self.host} is not a loopback address: a console on the network needs users_file (logins)"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
         return self
 
 
@@ -314,6 +345,7 @@ class Config(_Strict):
     health: HealthConfig = HealthConfig()
     vision: VisionConfig = VisionConfig()
     control: ControlConfig = ControlConfig()
+    console: ConsoleConfig = ConsoleConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> Config:

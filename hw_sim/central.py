@@ -39,6 +39,7 @@ class Central:
         self.duplicates = 0
         self.status: dict[str, Any] | None = None
         self.alarms: list[dict[str, Any]] = []
+        self.findings: list[dict[str, Any]] = []  # inspection findings from the local console
         self.stats: list[dict[str, Any]] = []
         self.bad_payloads = 0
         self.replies: list[dict[str, Any]] = []
@@ -75,6 +76,7 @@ class Central:
         client.subscribe(f"{self.root}/parcels", qos=1)
         client.subscribe(f"{self.root}/status", qos=1)
         client.subscribe(f"{self.root}/alarms", qos=1)
+        client.subscribe(f"{self.root}/findings", qos=1)
         client.subscribe(f"{self.root}/stats", qos=0)
         client.subscribe(f"{self.root}/verdicts/request", qos=1)
         client.subscribe(f"{self.root}/cmd/reply/#", qos=1)  # the reply topic and everything under it
@@ -107,6 +109,8 @@ class Central:
                 self.status = data
             elif leaf == "alarms":
                 self.alarms.append(data)
+            elif leaf == "findings":
+                self.findings.append(data)
             elif leaf == "stats":
                 self.stats.append(data)
             elif leaf == "reply":

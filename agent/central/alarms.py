@@ -4,7 +4,7 @@ A *condition* (controller offline, jam, a reader offline, the outbox filling) is
 it becomes active and once when it clears — never repeated while it lasts. An *event* (a rejected
 verdict, a malformed message) is published at most once per kind per ``event_quiet_s``, carrying how
 many occurred since the last one, so a flood of bad input cannot flood the broker. An *audit*
-alarm (``technician_action``: a mode change or a gate test made at the box) is published every time.
+alarm (``audit``: a mode change or a gate test made at the box) is published every time.
 
 Alarms go through the durable outbox like parcel records (QoS 1, idempotent ``alarm_id``).
 """

@@ -36,6 +36,7 @@ SCHEMA_VERDICT_REQUEST = "sortgate.verdict_request/1"
 SCHEMA_VERDICT_ANSWER = "sortgate.verdict_answer/1"
 SCHEMA_COMMAND = "sortgate.command/1"
 SCHEMA_COMMAND_REPLY = "sortgate.command_reply/1"
+SCHEMA_FINDING = "sortgate.finding/1"
 
 
 def topic(root: str, leaf: str) -> str:

@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import json
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -56,7 +58,46 @@ CREATE TABLE IF NOT EXISTS cursors (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+-- the local history of parcel records and inspection findings (the console's search and plots),
+-- kept after the broker has them, for journal_days, written in the same transaction as the outbox
+-- row (no commit of its own) and pruned in batches
+CREATE TABLE IF NOT EXISTS journal (
+    record_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    at REAL NOT NULL,
+    waybill TEXT,
+    lane_class TEXT,
+    reasons TEXT,
+    decision_ms REAL,
+    image_ms REAL,
+    flagged INTEGER NOT NULL DEFAULT 0,
+    parcel TEXT,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS journal_waybill ON journal(waybill);
+CREATE INDEX IF NOT EXISTS journal_at ON journal(at);
 """
+
+#: topic leaves whose messages are kept in the journal too
+JOURNALED = ("/parcels", "/findings")
+
+
+def journal_row(record_id: str, payload: bytes, at: float) -> tuple[Any, ...] | None:
+    """The journal's columns for one parcel record or finding (on the writer thread); None for a
+    payload that is not a JSON object (never expected: the agent made it)."""
+    try:
+        rec = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(rec, dict):
+        return None
+    if str(rec.get("schema", "")).startswith("sortgate.finding"):
+        return (record_id, "finding", at, rec.get("waybill"), None, rec.get("outcome"), None, None, 0,
+                rec.get("parcel_record_id"), payload)
+    d = rec.get("decision") or {}
+    img = rec.get("image") or {}
+    return (record_id, "parcel", at, rec.get("waybill"), d.get("lane_class"), ",".join(d.get("reasons", [])),
+            d.get("decision_ms"), img.get("inference_ms"), int(img.get("status") == "flagged"), None, payload)
 
 
 class OutboxFull(Exception):
@@ -97,12 +138,18 @@ class Outbox:
                 f"outbox at its budget ({self.pending_records} records, {self.pending_bytes} bytes)"
             )
 
+        journal = topic.endswith(JOURNALED)
+
         def insert(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            row = journal_row(record_id, payload, now) if journal else None
             with transaction(conn):
                 cur = conn.execute(
                     "INSERT INTO outbox(record_id, topic, payload, created) VALUES (?,?,?,?)",
-                    (record_id, topic, payload, time.time()),
+                    (record_id, topic, payload, now),
                 )
+                if row is not None:
+                    conn.execute("INSERT OR REPLACE INTO journal VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
                 if cursor is not None:
                     conn.execute(
                         "INSERT INTO cursors(name, value) VALUES (?, ?) "
@@ -165,6 +212,21 @@ class Outbox:
             conn.execute("DELETE FROM decisions WHERE created < ?", (cutoff,))
 
         await self.db.write(prune)
+
+    async def prune_journal(self, older_than_s: float, batch: int = 5000) -> int:
+        """Drop journal rows older than ``older_than_s``, at most ``batch`` in one transaction (a
+        short write, never a long lock on the console's reads); returns how many went."""
+        cutoff = time.time() - older_than_s
+
+        def prune(conn: sqlite3.Connection) -> int:
+            with transaction(conn):
+                cur = conn.execute(
+                    "DELETE FROM journal WHERE rowid IN (SELECT rowid FROM journal WHERE at < ? LIMIT ?)",
+                    (cutoff, batch),
+                )
+            return int(cur.rowcount)
+
+        return int(await self.db.write(prune))
 
     async def set_cursors(self, values: dict[str, int]) -> None:
         """Set cursors durably, in one transaction."""

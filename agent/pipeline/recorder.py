@@ -133,6 +133,10 @@ class Recorder:
     def queue_alarm(self, record_id: str, payload: bytes) -> None:
         self._jobs.put_nowait(RecordJob(record_id, "alarms", payload))
 
+    def queue_message(self, record_id: str, leaf: str, payload: bytes) -> None:
+        """Another durable message (an inspection finding), in order with the records."""
+        self._jobs.put_nowait(RecordJob(record_id, leaf, payload))
+
     def last_turn(self) -> float:
         """For the vital-task check: now while it waits for work, else its last turn."""
         return time.monotonic() if self._waiting else self.alive

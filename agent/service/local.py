@@ -8,7 +8,7 @@ Rules a technician meets here (docs/operations.md, "At the line"):
   ``maintenance``) is ended by central's signed ``set_mode normal`` alone, as before.
 * A gate fires only while the agent *and* the controller are in maintenance (the controller refuses
   it otherwise anyway: contract 4.5), and only a gate the config names.
-* Every mode change and gate test is logged and published as a ``technician_action`` alarm.
+* Every mode change and gate test is logged and published as a ``audit`` alarm.
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from agent import __version__ as agent_version
+from agent.central import messages
 from agent.pipeline.decision import Mode
 from agent.service.control import ControlError, ControlServer, encode_line, socket_path
 from firmware_bridge import contract as c
@@ -27,10 +31,21 @@ from firmware_bridge.errors import LinkError
 if TYPE_CHECKING:
     from agent.service.runtime import Agent
 
-__all__ = ["LocalControl"]
+__all__ = ["FINDING_OUTCOMES", "LocalControl"]
+
+log = structlog.get_logger("sortgate.local")
 
 #: how long a fired gate may take to be cleared by the controller (it clears MAINT_FIRE_GATE when done)
 FIRE_CLEAR_S = 2.0
+
+
+#: what an officer at the inspection bench can find
+FINDING_OUTCOMES = ("cleared", "seized", "referred")
+MAX_NOTE = 1000
+
+
+def _via(req: dict[str, Any]) -> str:
+    return "console" if req.get("via") == "console" else "cli"
 
 
 def _bits(bits: int) -> list[str]:
@@ -63,7 +78,7 @@ class LocalControl:
             path,
             handlers={
                 "status": self.status, "set_mode": self.set_mode, "fire_gate": self.fire_gate,
-                "reader_reset": self.reader_reset,
+                "reader_reset": self.reader_reset, "finding": self.finding, "audit": self.audit,
             },
             streamers={"reader_watch": self.reader_watch},
         )
@@ -161,8 +176,8 @@ class LocalControl:
         except OSError as exc:
             raise ControlError(f"mode not kept on disk, not taken: {exc}") from exc
         a.pipeline.state.mode = target
-        a.alarms.audit("technician_action", f"mode {now.value} -> {target.value} at the box by {who}",
-                       action="set_mode", mode=target.value, user=who)
+        a.alarms.audit("audit", f"mode {now.value} -> {target.value} at the box by {who}",
+                       action="set_mode", mode=target.value, user=who, via=_via(req))
         return {"mode": target.value, "changed": True}
 
     async def _controller_mode(self, mode: c.ModeRequest) -> None:
@@ -210,9 +225,49 @@ class LocalControl:
         except LinkError as exc:
             raise ControlError(f"gate {gate}: {exc}") from exc
         ms = round((time.monotonic() - t0) * 1000, 1)
-        a.alarms.audit("technician_action", f"gate {gate} (lane {lane}) fired by hand by {who}",
-                       action="fire_gate", gate=gate, user=who)
+        a.alarms.audit("audit", f"gate {gate} (lane {lane}) fired by hand by {who}",
+                       action="fire_gate", gate=gate, user=who, via=_via(req))
         return {"gate": gate, "lane": lane, "cleared_ms": ms}
+
+    async def finding(self, req: dict[str, Any]) -> dict[str, Any]:
+        """An inspection officer's finding on one parcel: published on ``{root}/findings`` through
+        the durable outbox like a record (docs/mqtt.md, Findings), and kept in the journal."""
+        a = self.agent
+        parcel = req.get("parcel_record_id")
+        outcome = req.get("outcome")
+        note = req.get("note") or ""
+        officer = str(req.get("user") or "")[:64]
+        if outcome not in FINDING_OUTCOMES:
+            raise ControlError(f"outcome must be one of {', '.join(FINDING_OUTCOMES)}")
+        if not isinstance(note, str) or len(note) > MAX_NOTE or any(ord(ch) < 0x20 and ch not in "\n\t" for ch in note):
+            raise ControlError(f"note must be text of at most {MAX_NOTE} characters")
+        if not officer:
+            raise ControlError("a finding needs the officer's name (user)")
+        rows = a.outbox.db.read("SELECT waybill FROM journal WHERE record_id = ? AND kind = 'parcel'", (parcel,))
+        if not isinstance(parcel, str) or not rows:
+            raise ControlError(f"no parcel record {parcel!r} in the journal")
+        line = a.cfg.line
+        finding_id = f"{line.site}:{line.line}:finding:{uuid.uuid4().hex[:16]}"
+        body = {
+            "schema": messages.SCHEMA_FINDING, "finding_id": finding_id, "site": line.site, "line": line.line,
+            "parcel_record_id": parcel, "waybill": rows[0][0], "outcome": outcome, "note": note,
+            "officer": officer, "at": messages.iso(),
+        }
+        a.pipeline.recorder.queue_message(finding_id, "findings", messages.dumps(body))
+        log.warning("inspection finding recorded", parcel=parcel, outcome=outcome, officer=officer)
+        return {"finding_id": finding_id}
+
+    async def audit(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A console event with no other effect (a login, a failed login, a logout): logged and
+        published as an ``audit`` alarm."""
+        action = req.get("action")
+        if action not in ("login", "login_failed", "logout"):
+            raise ControlError("action must be login, login_failed or logout")
+        who = str(req.get("user") or "?")[:64]
+        detail = str(req.get("detail") or "")[:200]
+        self.agent.alarms.audit("audit", f"console {action} by {who}" + (f": {detail}" if detail else ""),
+                                action=action, user=who, via="console")
+        return {}
 
     async def reader_reset(self, req: dict[str, Any]) -> dict[str, Any]:
         name = req.get("reader")

@@ -235,6 +235,48 @@ def _cmd_reader_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_console_run(args: argparse.Namespace) -> int:
+    from agent.console.app import serve
+    from agent.console.users import UsersError
+    from agent.service import logs
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print("sortgate console: refusing to start, the config is invalid:", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p}", file=sys.stderr)
+        return 2
+    logs.configure(cfg.logging.level, cfg.logging.format)
+    c = cfg.console
+    scheme = "https" if c.tls_cert else "http"
+    print(f"sortgate console on {scheme}://{c.host}:{c.port}/", file=sys.stderr, flush=True)
+    try:
+        return serve(cfg, args.config)
+    except (UsersError, OSError) as exc:
+        print(f"sortgate console: {exc}", file=sys.stderr)
+        return 2
+
+
+def _cmd_console_adduser(args: argparse.Namespace) -> int:
+    from agent.console.users import UsersError, add_user
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            print("sortgate console adduser: the passwords differ", file=sys.stderr)
+            return 2
+    try:
+        add_user(args.users, args.name, args.role, password)
+    except (UsersError, OSError) as exc:
+        print(f"sortgate console adduser: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.users}: {args.name} ({args.role})")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     def where(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
@@ -273,3 +315,15 @@ def add_commands(sub: Any) -> None:
     where(p)
     p.add_argument("reader", nargs="?")
     p.set_defaults(func=_cmd_reader_reset)
+
+    console = sub.add_parser("console", help="the local web console").add_subparsers(
+        dest="console_command", required=True)
+    p = console.add_parser("run", help="serve the console ([console] host and port of the config)")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.set_defaults(func=_cmd_console_run)
+    p = console.add_parser("adduser", help="add or replace a console user (viewer, officer or technician)")
+    p.add_argument("--users", type=Path, required=True, help="the users file ([console] users_file)")
+    p.add_argument("name")
+    p.add_argument("role", choices=("viewer", "officer", "technician"))
+    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    p.set_defaults(func=_cmd_console_adduser)

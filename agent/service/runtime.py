@@ -331,6 +331,7 @@ class Agent:
                 tg.create_task(self._housekeeping(), name="housekeeping")
                 tg.create_task(self._report_readiness(), name="readiness")
                 tg.create_task(self.local.server.run(), name="control")
+                tg.create_task(self._prune_journal(), name="journal")
                 if self.image_source is not None:
                     tg.create_task(self.image_source.run(), name="images")
                 # A failing task (a contract mismatch in "controller") cancels this wait and
@@ -352,6 +353,19 @@ class Agent:
             self.link.close()
             if self.vision is not None:
                 self.vision.close()
+
+    async def _prune_journal(self) -> None:
+        """The console's local history keeps ``console.journal_days``; pruned a batch a minute
+        (a disk error here is logged: the journal is a convenience, the outbox is the record)."""
+        keep_s = self.cfg.console.journal_days * 86400
+        while True:
+            pause = 60.0
+            try:
+                if await self.outbox.prune_journal(keep_s) >= 5000:
+                    pause = 1.0  # more to go: the next batch soon
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("journal not pruned", error=str(exc))
+            await asyncio.sleep(pause)
 
     async def _report_readiness(self) -> None:
         # Ready as soon as every task runs: an agent whose PLC is off must still be up, reporting

@@ -125,7 +125,7 @@ async def test_status_and_technician_commands_on_a_running_line(broker: Mosquitt
 
         # every action reached central as an audit alarm; nothing went wrong on the line
         assert run.central is not None
-        actions = [a for a in run.central.alarms if a.get("alarm") == "technician_action"]
+        actions = [a for a in run.central.alarms if a.get("alarm") == "audit"]
         assert [a["action"] for a in actions] == ["set_mode", "fire_gate", "set_mode"]
         assert m["wrongly_released"] == 0 and m["records_published"] == m["parcels"]
     finally:
