@@ -107,9 +107,11 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     plan = make_plan(args.parcels, args.rate, args.seed, args.speed, args.readers, mix=mix)
     spec = RunSpec(parcels=args.parcels, rate=args.rate, seed=args.seed, speed_mps=args.speed,
                    readers=args.readers, transport=args.transport, plan=plan, images=args.images,
-                   **_reader_spec(args))
+                   console=not args.no_console, **_reader_spec(args))
     view = LiveView(sys.stdout, plain=args.plain)
     run = LineRun(spec, on_progress=view.update)
+    run.on_console = lambda url: print(f"console: {url} (open it in a browser; read-only, no users_file)",
+                                       file=sys.stderr, flush=True)
     try:
         metrics = asyncio.run(run.run())
         run.add_process_figures()
@@ -144,7 +146,8 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
         return 2
     spec = RunSpec(parcels=args.parcels, rate=args.rate, seed=args.seed, speed_mps=args.speed,
                    readers=args.readers, transport=args.transport, plan=plan, chaos=names,
-                   images=args.images, require_signatures="verdict-flood" in names, idle_s=args.idle_s, **readers)
+                   images=args.images, require_signatures="verdict-flood" in names, idle_s=args.idle_s,
+                   console_clients=args.console_clients, **readers)
     if "verdict-flood" in names:
         from hw_sim.harness import forged_batches
 
@@ -340,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     _line_args(p, parcels=300, rate=5.0)
     p.add_argument("--plain", action="store_true", help="print lines instead of redrawing the screen")
     p.add_argument("--images", action="store_true", help="X-ray images and the image check; 6%% hide an item")
+    p.add_argument("--no-console", action="store_true", help="do not start the local web console")
     p.set_defaults(func=_cmd_sim)
 
     p = sub.add_parser("bench", help="benchmarks that print figures")
@@ -355,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="X-ray images with the image check required; 6%% of parcels hide a prohibited item")
     b.add_argument("--idle-s", type=float, default=20.0,
                    help="seconds of running belt without parcels first, for idle_cpu_pct (0: skip; default 20)")
+    b.add_argument("--console-clients", type=int, default=0,
+                   help="run the local web console with this many live clients (event stream open, stats and "
+                   "a search every 5 s each); adds `console` to the figures")
     b.set_defaults(func=_cmd_bench_line)
 
     b = bsub.add_parser("sweep", help="bench line at several rates: a table, one JSON object and a plot")

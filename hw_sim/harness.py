@@ -50,6 +50,7 @@ from hw_sim import chaos as faults
 from hw_sim import waybills
 from hw_sim.broker import Mosquitto
 from hw_sim.central import Central
+from hw_sim.console_load import DEFAULT_PORT, ConsoleProcess, LoadClients, free_port
 from hw_sim.controller import ControllerModel, ControllerParams, Tracked, run_cycle, serve_rtu, serve_tcp
 from hw_sim.plan import Plan, PlannedParcel, make_plan
 from hw_sim.reader_faults import BOOT_GARBAGE, RESTART_S, pick_faults, plan_cycles
@@ -95,6 +96,8 @@ class RunSpec:
     fault_plan: dict[tuple[int, int], str] = field(default_factory=dict)  # (parcel, reader) -> fault, exact
     reader_window_ms: tuple[int, int] = (2, 16)  # the agent's window after the trailing edge
     idle_s: float = 0.0  # the belt runs this long with no parcel first: the agent's idle CPU is measured
+    console: bool = False  # run the local web console beside the agent (read-only, no users)
+    console_clients: int = 0  # live clients on the console during the run (implies console)
 
 
 @dataclass
@@ -276,6 +279,10 @@ class LineRun:
         self.idle_cpu_pct: float | None = None
         self._cpu_at_start: tuple[float | None, float] = (None, 0.0)
         self._cpu_at_end: tuple[float | None, float] = (None, 0.0)
+        self.console: ConsoleProcess | None = None
+        self._console_port = 0
+        self.console_load: LoadClients | None = None
+        self.on_console: Callable[[str], None] | None = None  # told the console's address when it listens
 
     def _framing(self) -> tuple[bytes, bytes]:
         return (b"\x02", b"\x03") if self.spec.framing == "stx_etx" else (b"", b"\r\n")
@@ -339,6 +346,9 @@ class LineRun:
                               mqtt_auth=auth)
         if self.spec.require_signatures:
             config += self._trust_central()
+        if self.spec.console or self.spec.console_clients:  # the console reads its port from this config
+            self._console_port = free_port(DEFAULT_PORT)
+            config += f"\n[console]\nport = {self._console_port}\n"
         self.config_path.write_text(config)
         known = {p.waybill: p.verdict for p in self.plan.parcels if p.waybill and p.verdict != "none"}
         self.central = Central(
@@ -349,6 +359,7 @@ class LineRun:
         try:
             self.start_agent()
             await self._wait_ready()
+            await self._start_console()
             await self._measure_idle()
             t0 = loop.time() + 0.5
             pusher = asyncio.create_task(self._push_verdicts(t0), name="central-push")
@@ -367,6 +378,7 @@ class LineRun:
             return self._compute()
         finally:
             cycle.cancel()
+            self._stop_console()
             if self._render is not None:
                 self._render.shutdown(wait=False, cancel_futures=True)
             await self.stop_agent()
@@ -382,6 +394,29 @@ class LineRun:
                 self.broker.close()
             if self._tmpfs is not None:
                 self._tmpfs.unmount()
+
+    async def _start_console(self) -> None:
+        if not (self.spec.console or self.spec.console_clients):
+            return
+        port = self._console_port
+        self.console = ConsoleProcess(self.config_path, port, self.dir / "console.log")
+        await asyncio.to_thread(self.console.start)
+        if self.on_console:
+            self.on_console(self.console.url)
+        if self.spec.console_clients:
+            self.console_load = LoadClients(port, self.spec.console_clients)
+            self.console_load.start()
+
+    def _stop_console(self) -> None:
+        if self.console_load is not None:
+            self.console_load.stop()
+            self.metrics["console"] = {
+                "clients": self.console_load.n, "events_received": self.console_load.events,
+                "pages_loaded": self.console_load.pages, "errors": len(self.console_load.errors),
+                "first_errors": self.console_load.errors[:3],
+            }
+        if self.console is not None:
+            self.console.stop()
 
     def _agent_cpu_s(self) -> float | None:
         """CPU seconds (user + system) the running agent process has used so far (Linux)."""

@@ -40,7 +40,8 @@ class LiveView:
         wrong = sum(t.reached == "release" and t.planned.expected_lane == "inspection" for t in done)
         lines = [
             f"sortgate sim — {run.spec.site}/{run.spec.line}  belt {run.spec.speed_mps} m/s  "
-            f"{run.spec.rate}/s  controller {run.spec.transport}",
+            f"{run.spec.rate}/s  controller {run.spec.transport}"
+            + (f"  console {run.console.url}" if run.console else ""),
             f"parcels {len(done)}/{len(run.truth)}   release {released}   inspection {len(done) - released}"
             f"   wrongly released {wrong}   records {len(records)}",
             "",
@@ -87,6 +88,7 @@ class LiveView:
                f"released {m['hidden_items_released']}\n" if "hidden_items" in m else "")
             + "  decision ms        p50 {p50}  p99 {p99}  max {max}\n".format(**m["decision_ms"])
             + f"  agent              rss {m.get('rss_mb')} MB, cpu {m.get('cpu_ms_per_parcel')} ms/parcel\n"
+            + (f"  console            {run.console.url} (stopped with the run)\n" if run.console else "")
         )
         self.out.flush()
 

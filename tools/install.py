@@ -56,6 +56,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 USER = "sortgate"
 UNIT = "sortgate.service"
+CONSOLE_UNIT = "sortgate-console.service"  # installed, enabled by the site if it wants the console
 UDEV = "99-sortgate.rules"
 CONFIG = "sortgate.toml"
 STORES = ("outbox.sqlite", "verdicts.sqlite")
@@ -248,10 +249,10 @@ def backup_state(lay: Layout, old: str | None) -> Path | None:
 
 
 def install_unit_and_rules(lay: Layout, system: bool) -> None:
-    unit = find_bundled(UNIT, f"systemd/{UNIT}").read_text()
-    unit = unit.replace("/opt/sortgate/current", str(lay.current))
     lay.unit_dir.mkdir(parents=True, exist_ok=True)
-    (lay.unit_dir / UNIT).write_text(unit)
+    for name in (UNIT, CONSOLE_UNIT):
+        unit = find_bundled(name, f"systemd/{name}").read_text()
+        (lay.unit_dir / name).write_text(unit.replace("/opt/sortgate/current", str(lay.current)))
     rules = lay.udev_dir / UDEV
     if not rules.exists():
         lay.udev_dir.mkdir(parents=True, exist_ok=True)
@@ -348,6 +349,8 @@ def cmd_install(lay: Layout, args: argparse.Namespace) -> int:
     if healthy(lay, args):
         prune(lay, keep={version, old})
         say(f"{version} is healthy")
+        if args.system:  # a console the site runs follows the agent's version
+            run(["systemctl", "try-restart", CONSOLE_UNIT], check=False)
         return 0
     if old is None:
         say(f"{version} failed its health check and there is no previous version to go back to")
@@ -370,6 +373,7 @@ def cmd_rollback(lay: Layout, args: argparse.Namespace) -> int:
     save_record(lay, {**record, "current": prev, "previous": None, "rolled_back_from": cur})
     if args.system and not args.no_start:
         run(["systemctl", "restart", UNIT])
+        run(["systemctl", "try-restart", CONSOLE_UNIT], check=False)
     say(f"current -> {prev}; {cur} is kept until the next install")
     return 0
 
@@ -384,8 +388,9 @@ def cmd_status(lay: Layout, args: argparse.Namespace) -> int:
 
 def cmd_uninstall(lay: Layout, args: argparse.Namespace) -> int:
     if args.system:
-        run(["systemctl", "disable", "--now", UNIT], check=False)
-    (lay.unit_dir / UNIT).unlink(missing_ok=True)
+        run(["systemctl", "disable", "--now", UNIT, CONSOLE_UNIT], check=False)
+    for name in (UNIT, CONSOLE_UNIT):
+        (lay.unit_dir / name).unlink(missing_ok=True)
     if args.system:
         run(["systemctl", "daemon-reload"], check=False)
     shutil.rmtree(lay.prefix, ignore_errors=True)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for sortgate development, the demo and the tests:
 #   - mosquitto from Debian's packages (the tests and the demo start their own on loopback),
+#   - chromium from Debian's packages (the console's browser tests drive it through Playwright;
+#     Playwright's own browser download is never used),
 #   - a Python 3.11+ virtual environment in .venv with the project and its dev extras.
 # Safe to run again: it only installs what is missing or changed.
 set -euo pipefail
@@ -14,6 +16,14 @@ if ! have_mosquitto; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
 fi
 have_mosquitto || { echo "setup: mosquitto still missing" >&2; exit 1; }
+
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "setup: installing chromium (Debian package, for the console's browser tests)"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+command -v chromium >/dev/null 2>&1 || { echo "setup: chromium still missing" >&2; exit 1; }
 
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
@@ -38,4 +48,4 @@ if [ ! -f "$stamp" ]; then
     rm -f .venv/.sortgate-installed-*
     touch "$stamp"
 fi
-echo "setup: ready (mosquitto: $(command -v mosquitto || echo /usr/sbin/mosquitto), python: $(.venv/bin/python --version))"
+echo "setup: ready (mosquitto: $(command -v mosquitto || echo /usr/sbin/mosquitto), chromium: $(command -v chromium), python: $(.venv/bin/python --version))"

@@ -316,7 +316,8 @@ class Console:
 
     async def act_reader_reset(self, request: Request) -> Response:
         user, form = await self.checked(request, "reader")
-        reply = await self.hub.ask({"op": "reader_reset", "reader": form.get("reader") or None})
+        reply = await self.hub.ask({"op": "reader_reset", "reader": form.get("reader") or None,
+                                    "user": user.name, "via": "console"})
         return self.result(request, reply, f"counters reset ({reply.get('reset')})")
 
     async def act_finding(self, request: Request) -> Response:

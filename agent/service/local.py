@@ -274,6 +274,9 @@ class LocalControl:
         if name is not None and name not in self.agent.reader_monitor.readers:
             raise ControlError(f"no reader {name!r}; readers: {', '.join(self.agent.reader_monitor.readers)}")
         self.agent.reader_monitor.reset(name)
+        who = str(req.get("user") or "?")[:64]
+        self.agent.alarms.audit("audit", f"read counters of {name or 'every reader'} reset by {who}",
+                                action="reader_reset", user=who, via=_via(req), subject=name)
         return {"reset": name or "all"}
 
     async def reader_watch(

@@ -193,7 +193,7 @@ def _cmd_gate_fire(args: argparse.Namespace) -> int:
 
 
 def _cmd_reader_reset(args: argparse.Namespace) -> int:
-    reply, why = _ask(args, {"op": "reader_reset", "reader": args.reader})
+    reply, why = _ask(args, {"op": "reader_reset", "reader": args.reader, "user": _user()})
     if reply is None or not reply.get("ok"):
         return _fail("reader reset", reply, why)
     print(f"counters reset: {reply['reset']}")

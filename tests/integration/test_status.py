@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +204,23 @@ def test_a_central_mode_is_not_lifted_at_the_box(tmp_path: Path) -> None:
     finally:
         os.kill(agent.pid, signal.SIGTERM)
         agent.wait(15)
+
+
+def test_sim_prints_the_console_address_and_serves_it() -> None:
+    """`make sim` (sortgate sim) starts the console beside the line and says where it is."""
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "sim", "--parcels", "40", "--rate", "5", "--plain"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        said = [proc.stderr.readline() for _ in range(1)]
+        while not said[-1].startswith("console: ") and said[-1] and len(said) < 20:
+            said.append(proc.stderr.readline())
+        assert said[-1].startswith("console: http://127.0.0.1:"), said
+        url = said[-1].split()[1]
+        with urllib.request.urlopen(url, timeout=10) as page:
+            assert page.status == 200 and b"sortgate" in page.read()
+        _, rest = proc.communicate(timeout=120)
+        assert proc.returncode == 0, rest[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

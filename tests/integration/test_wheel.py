@@ -27,7 +27,9 @@ def test_a_wheel_carries_the_models_and_runs_the_image_check_outside_the_reposit
     (wheel,) = (tmp_path / "dist").glob("sortgate-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for needed in ("sortgate_models/xray_int8.tflite", "sortgate_models/xray_f32.tflite", "sortgate_models/xray.json",
-                   "agent/data/s10_countries.txt", "hw_sim/sweep.py"):
+                   "agent/data/s10_countries.txt", "hw_sim/sweep.py", "agent/data/alarms.md",
+                   "agent/console/templates/base.html", "agent/console/static/console.js",
+                   "agent/console/static/vendor/htmx.min.js", "agent/console/static/vendor/uPlot.iife.min.js"):
         assert needed in names
     assert not [n for n in names if n.startswith("tests/")]
     target = tmp_path / "site"

@@ -52,11 +52,11 @@ let alarmHelp = null;
 function renderAlarms(st) {
   if (!st.ok) return;
   alarmHelp = alarmHelp || JSON.parse($("#alarm-help").textContent);
-  const h = (k) => alarmHelp[k] || {means: "", todo: ""};
+  const h = (k) => alarmHelp[k] || {kind: "", means: "", todo: ""};
   $("#active tbody").innerHTML = st.alarms.active.map((a) => `<tr><td class="bad">${esc(a.alarm)}</td><td>${esc(a.subject)}</td>
     <td>${esc(a.detail)}</td><td>${esc(h(a.alarm).means)}</td><td>${esc(h(a.alarm).todo)}</td></tr>`).join("") || '<tr><td colspan="5">none</td></tr>';
   $("#recent tbody").innerHTML = st.alarms.recent.slice().reverse().map((a) => `<tr><td>${time(a.at)}</td><td>${esc(a.alarm)}</td>
-    <td>${a.active ? "raised" : "cleared"}</td><td>${esc(a.detail)}</td><td>${esc(h(a.alarm).todo)}</td></tr>`).join("");
+    <td>${(h(a.alarm).kind || "").startsWith("event") ? "event" : a.active ? "raised" : "cleared"}</td><td>${esc(a.detail)}</td><td>${esc(h(a.alarm).todo)}</td></tr>`).join("");
 }
 
 function renderCommissioning(st) {
