@@ -318,6 +318,10 @@ class ConsoleConfig(_Strict):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     journal_days: float = Field(7.0, gt=0, le=90, description="Parcel records kept locally for the console")
+    journal_max_records: int = Field(
+        200_000, ge=1000, le=5_000_000,
+        description="At most this many kept (about 1.2 KB each: 200000 is about 250 MB on disk)",
+    )
 
     @model_validator(mode="after")
     def _exposed(self) -> ConsoleConfig:

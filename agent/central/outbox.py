@@ -213,9 +213,10 @@ class Outbox:
 
         await self.db.write(prune)
 
-    async def prune_journal(self, older_than_s: float, batch: int = 5000) -> int:
-        """Drop journal rows older than ``older_than_s``, at most ``batch`` in one transaction (a
-        short write, never a long lock on the console's reads); returns how many went."""
+    async def prune_journal(self, older_than_s: float, max_rows: int, batch: int = 5000) -> int:
+        """Drop journal rows older than ``older_than_s``, then the oldest beyond ``max_rows``, at
+        most ``batch`` in one transaction (a short write, never a long lock on the console's
+        reads); returns how many went."""
         cutoff = time.time() - older_than_s
 
         def prune(conn: sqlite3.Connection) -> int:
@@ -224,7 +225,15 @@ class Outbox:
                     "DELETE FROM journal WHERE rowid IN (SELECT rowid FROM journal WHERE at < ? LIMIT ?)",
                     (cutoff, batch),
                 )
-            return int(cur.rowcount)
+                gone = int(cur.rowcount)
+                (rows,) = conn.execute("SELECT COUNT(*) FROM journal").fetchone()
+                over = min(batch - gone, int(rows) - max_rows)
+                if over > 0:
+                    cur = conn.execute(
+                        "DELETE FROM journal WHERE rowid IN (SELECT rowid FROM journal ORDER BY at LIMIT ?)", (over,)
+                    )
+                    gone += int(cur.rowcount)
+            return gone
 
         return int(await self.db.write(prune))
 

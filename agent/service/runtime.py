@@ -355,13 +355,14 @@ class Agent:
                 self.vision.close()
 
     async def _prune_journal(self) -> None:
-        """The console's local history keeps ``console.journal_days``; pruned a batch a minute
+        """The console's local history keeps ``console.journal_days`` and at most
+        ``console.journal_max_records``; pruned a batch a minute
         (a disk error here is logged: the journal is a convenience, the outbox is the record)."""
         keep_s = self.cfg.console.journal_days * 86400
         while True:
             pause = 60.0
             try:
-                if await self.outbox.prune_journal(keep_s) >= 5000:
+                if await self.outbox.prune_journal(keep_s, self.cfg.console.journal_max_records) >= 5000:
                     pause = 1.0  # more to go: the next batch soon
             except (OSError, sqlite3.Error) as exc:
                 log.warning("journal not pruned", error=str(exc))

@@ -189,3 +189,27 @@ def test_stores_from_before_schema_versions_count_as_version_one(tmp_path: Path)
                         steps={1: "ALTER TABLE t ADD COLUMN b TEXT"})
     assert store.read("SELECT a, b FROM t") == [(1, None)]
     store.close()
+
+
+async def test_the_journal_keeps_parcel_records_and_findings_not_alarms_and_is_bounded(tmp_path: Path) -> None:
+    import json
+
+    o = Outbox(tmp_path / "o.sqlite")
+    rec = {"schema": "sortgate.parcel/1", "record_id": "S:L:1:5", "waybill": "LP1",
+           "decision": {"lane_class": "inspection", "reasons": ["image_flagged", "x"], "decision_ms": 3.5},
+           "image": {"status": "flagged", "inference_ms": 0.9}}
+    await o.add("S:L:1:5", "sortgate/S/L/parcels", json.dumps(rec).encode())
+    await o.add("A:1", "sortgate/S/L/alarms", b'{"alarm": "jam"}')
+    finding = {"schema": "sortgate.finding/1", "waybill": "LP1", "outcome": "seized", "parcel_record_id": "S:L:1:5"}
+    await o.add("F:1", "sortgate/S/L/findings", json.dumps(finding).encode())
+    rows = o.db.read("SELECT record_id, kind, waybill, lane_class, reasons, decision_ms, image_ms, flagged, parcel "
+                     "FROM journal ORDER BY at")
+    assert rows == [("S:L:1:5", "parcel", "LP1", "inspection", "image_flagged,x", 3.5, 0.9, 1, None),
+                    ("F:1", "finding", "LP1", None, "seized", None, None, 0, "S:L:1:5")]
+    for i in range(1200):
+        await o.add(f"S:L:{i + 2}:0", "sortgate/S/L/parcels", json.dumps({**rec, "record_id": str(i)}).encode())
+    assert await o.prune_journal(older_than_s=3600, max_rows=1000) == 202  # the oldest beyond 1000
+    assert o.db.read("SELECT COUNT(*), MIN(record_id LIKE 'S:L:%:0') FROM journal")[0] == (1000, 1)
+    assert await o.prune_journal(older_than_s=0.0, max_rows=1000, batch=400) == 400  # age, a batch at a time
+    assert o.count() == 1203  # the outbox itself is untouched: the journal is a copy
+    o.close()
