@@ -58,6 +58,7 @@ HERE = Path(__file__).resolve().parent
 #: how often the hub asks the agent for its status (one request for all open pages)
 HUB_PERIOD_S = 1.0
 SESSION_S = 12 * 3600
+MAX_POST = 16 * 1024  # the longest form (a finding with its note) is far below this
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
 
@@ -187,8 +188,10 @@ class Console:
         })
 
     async def checked(self, request: Request, action: str) -> tuple[User, dict[str, str]]:
-        """A POST: CSRF token first (nothing else is read before it matches), then the role."""
-        form = await request.form()
+        """A POST: the CSRF token first (nothing is acted on before it matches), then the role."""
+        if int(request.headers.get("content-length") or 0) > MAX_POST:
+            raise HTTPException(413, f"a console form is at most {MAX_POST} bytes")
+        form = await request.form(max_files=0, max_fields=20)
         sent = request.headers.get("x-csrf-token") or str(form.get("csrf", ""))
         token = request.session.get("csrf")
         if not token or not hmac.compare_digest(sent.encode(), str(token).encode()):
@@ -232,7 +235,7 @@ class Console:
         findings = await asyncio.to_thread(self.journal.findings, rid)
         pending = await asyncio.to_thread(self.journal.pending, rid)
         return self.page(request, "parcel.html", rec=rec, findings=findings, pending=pending,
-                    outcomes=FINDING_OUTCOMES, image_ok=self._image_path(rec) is not None)
+                         outcomes=FINDING_OUTCOMES, image_ok=self._image_path(rec) is not None)
 
     async def review_page(self, request: Request) -> Response:
         flagged = await asyncio.to_thread(self.journal.flagged)
@@ -242,8 +245,8 @@ class Console:
         waybill = request.query_params.get("waybill", "").strip()[:64]
         rec = await asyncio.to_thread(self.journal.latest_by_waybill, waybill) if waybill else None
         findings = await asyncio.to_thread(self.journal.findings, rec["record_id"]) if rec else []
-        return self.page(request, "bench.html", waybill=waybill, rec=rec, findings=findings, outcomes=FINDING_OUTCOMES,
-                    image_ok=rec is not None and self._image_path(rec) is not None)
+        return self.page(request, "bench.html", waybill=waybill, rec=rec, findings=findings,
+                         outcomes=FINDING_OUTCOMES, image_ok=rec is not None and self._image_path(rec) is not None)
 
     async def commissioning_page(self, request: Request) -> Response:
         text, on_disk, problems = await asyncio.to_thread(self._config_on_disk)
@@ -252,7 +255,7 @@ class Console:
         running = (self.hub.latest.get("agent") or {}).get("config_hash")
         same = on_disk is not None and running == config_hash(on_disk)
         return self.page(request, "commissioning.html", config_text=text, problems=problems, same=same,
-                    running_hash=running, gates=self.gates, config_path=str(self.config_path))
+                         running_hash=running, gates=self.gates, config_path=str(self.config_path))
 
     # --- login --------------------------------------------------------------------------------
     async def login_page(self, request: Request) -> Response:
@@ -262,7 +265,9 @@ class Console:
                 "logins": bool(self.users), "user": None, "site": self.cfg.line.site, "line": self.cfg.line.line,
                 "version": __version__, "path": "/login", "status": self.hub.latest,
             })
-        form = await request.form()
+        if int(request.headers.get("content-length") or 0) > MAX_POST:
+            raise HTTPException(413, f"a console form is at most {MAX_POST} bytes")
+        form = await request.form(max_files=0, max_fields=20)
         sent = str(form.get("csrf", ""))
         token = str(request.session.get("csrf", ""))
         if not token or not hmac.compare_digest(sent.encode(), token.encode()):

@@ -59,6 +59,7 @@ class ControlServer:
         self.handlers = handlers
         self.streamers = streamers
         self.served = 0
+        self._clients: set[asyncio.Task[None]] = set()  # connections being answered (watches last long)
 
     async def run(self) -> None:
         """Serve until cancelled; a socket that cannot be opened is logged, not fatal."""
@@ -74,6 +75,8 @@ class ControlServer:
             async with server:
                 await server.serve_forever()
         finally:
+            for task in list(self._clients):  # Python 3.11's server does not end its handlers
+                task.cancel()
             with contextlib.suppress(OSError):
                 self.path.unlink()
 
@@ -92,6 +95,10 @@ class ControlServer:
             os.umask(old)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._clients.add(task)
+            task.add_done_callback(self._clients.discard)
         try:
             reply = await self._answer(reader, writer)
             if reply is not None:

@@ -8,7 +8,7 @@ Rules a technician meets here (docs/operations.md, "At the line"):
   ``maintenance``) is ended by central's signed ``set_mode normal`` alone, as before.
 * A gate fires only while the agent *and* the controller are in maintenance (the controller refuses
   it otherwise anyway: contract 4.5), and only a gate the config names.
-* Every mode change and gate test is logged and published as a ``audit`` alarm.
+* Every mode change and gate test is logged and published as an ``audit`` alarm.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -48,6 +49,12 @@ def _via(req: dict[str, Any]) -> str:
     return "console" if req.get("via") == "console" else "cli"
 
 
+def _last(items: Iterable[dict[str, Any]], n: Any) -> list[dict[str, Any]]:
+    """The newest ``n`` (0..50; anything else counts as 10)."""
+    k = n if isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 50 else 10
+    return list(items)[-k:] if k else []
+
+
 def _bits(bits: int) -> list[str]:
     return [b.name or str(int(b)) for b in c.StatusBit if bits & b]
 
@@ -60,7 +67,7 @@ def _parcel(rec: dict[str, Any]) -> dict[str, Any]:
     return {
         "record_id": rec["record_id"], "seq": rec["seq"], "recorded_at": rec["recorded_at"],
         "waybill": rec.get("waybill"), "verdict": v.get("verdict") or v.get("status"),
-        "image": img.get("result"), "lane_class": d.get("lane_class"), "lane": d.get("lane"),
+        "image": img.get("status"), "lane_class": d.get("lane_class"), "lane": d.get("lane"),
         "reasons": d.get("reasons", []), "decision_ms": d.get("decision_ms"),
         "ack": (rec.get("command") or {}).get("ack"), "disposition": r.get("disposition"),
         "lane_reached": r.get("lane_reached"),
@@ -111,11 +118,11 @@ class LocalControl:
             },
             "alarms": {
                 "active": [{"alarm": k, "subject": s, "detail": d} for (k, s), d in a.alarms.active.items()],
-                "recent": list(a.alarms.recent)[-int(req.get("alarms", 10)):],
+                "recent": _last(a.alarms.recent, req.get("alarms", 10)),
             },
             "parcels": {
                 "in_flight": len(state.parcels),
-                "recent": [_parcel(r) for r in list(a.pipeline.recorder.recent)[-int(req.get("parcels", 10)):]],
+                "recent": [_parcel(r) for r in _last(a.pipeline.recorder.recent, req.get("parcels", 10))],
             },
             "counters": dict(a.metrics.counters),
         }
@@ -243,8 +250,10 @@ class LocalControl:
             raise ControlError(f"note must be text of at most {MAX_NOTE} characters")
         if not officer:
             raise ControlError("a finding needs the officer's name (user)")
-        rows = a.outbox.db.read("SELECT waybill FROM journal WHERE record_id = ? AND kind = 'parcel'", (parcel,))
-        if not isinstance(parcel, str) or not rows:
+        rows = a.outbox.db.read(
+            "SELECT waybill FROM journal WHERE record_id = ? AND kind = 'parcel'", (parcel,)
+        ) if isinstance(parcel, str) else []
+        if not rows:
             raise ControlError(f"no parcel record {parcel!r} in the journal")
         line = a.cfg.line
         finding_id = f"{line.site}:{line.line}:finding:{uuid.uuid4().hex[:16]}"
