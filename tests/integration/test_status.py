@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from hw_sim.broker import Mosquitto
+from hw_sim.console_load import ConsoleProcess
 from hw_sim.harness import LineRun, RunSpec, run_line
 from hw_sim.plan import Mix, make_plan
 
@@ -146,6 +147,8 @@ def test_status_says_plainly_what_is_down_and_when_no_agent_runs(tmp_path: Path)
     text = text.replace('host = "mqtt.hub.example"', 'host = "127.0.0.1"').replace("port = 1883", f"port = {_free_port()}")
     text = text.replace('state_dir = "/var/lib/sortgate"', f'state_dir = "{state}"')
     text = text.replace('"/dev/sortgate-reader-top"', f'"{tmp_path}/no-such-reader"')
+    console_port = _free_port()
+    text += f"\n[console]\nport = {console_port}\n"
     cfg = tmp_path / "agent.toml"
     cfg.write_text(text)
     assert sortgate("check-config", str(cfg)).returncode == 0
@@ -168,6 +171,17 @@ def test_status_says_plainly_what_is_down_and_when_no_agent_runs(tmp_path: Path)
         assert sortgate("maintenance", "on", "--config", str(cfg)).returncode == 0
         off = sortgate("maintenance", "off", "--config", str(cfg))
         assert off.returncode == 1 and "controller offline" in off.stderr
+        # the console works with the broker (and the controller) down: it needs neither
+        console = ConsoleProcess(cfg, console_port, tmp_path / "console.log")
+        console.start()
+        try:
+            with urllib.request.urlopen(console.url + "api/status", timeout=10) as r:
+                live = json.loads(r.read())
+            assert live["ok"] and live["mqtt"]["connected"] is False and live["controller"]["connected"] is False
+            with urllib.request.urlopen(console.url, timeout=10) as r:
+                assert r.status == 200 and b"id=\"parcels\"" in r.read()
+        finally:
+            console.stop()
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(15)
