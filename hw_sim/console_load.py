@@ -42,8 +42,11 @@ class ConsoleProcess:
 
     def start(self, timeout_s: float = 20.0) -> None:
         with open(self.log, "ab") as out:
+            # at the priority systemd gives it (sortgate-console.service: Nice=10): the console waits,
+            # the line does not
+            # (nice execs the console: the pid stays the console's)
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "console", "run", "--config", str(self.config)],
+                ["nice", "-n", "10", sys.executable, "-m", "agent.cli", "console", "run", "--config", str(self.config)],
                 stdout=out, stderr=out,
             )
         deadline = time.monotonic() + timeout_s

@@ -58,6 +58,7 @@ HERE = Path(__file__).resolve().parent
 #: how often the hub asks the agent for its status (one request for all open pages)
 HUB_PERIOD_S = 1.0
 SESSION_S = 12 * 3600
+STATS_TTL_S = 20.0
 MAX_POST = 16 * 1024  # the longest form (a finding with its note) is far below this
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
@@ -69,6 +70,7 @@ class Hub:
     def __init__(self, sock: Path) -> None:
         self.sock = sock
         self.latest: dict[str, Any] = {"ok": False, "error": "not asked yet"}
+        self.frame = b""  # ``latest`` as one server-sent event, encoded once for every client
         self.version = 0
         self._changed = asyncio.Condition()
         self.clients = 0
@@ -80,19 +82,21 @@ class Hub:
             except (OSError, ValueError) as exc:
                 reply = {"ok": False, "error": f"the agent does not answer on {self.sock}: {exc}"}
             reply["fetched_at"] = time.time()
+            frame = b"data: " + json.dumps(reply, separators=(",", ":")).encode() + b"\n\n"
             async with self._changed:
-                self.latest, self.version = reply, self.version + 1
+                self.latest, self.frame, self.version = reply, frame, self.version + 1
                 self._changed.notify_all()
             await asyncio.sleep(HUB_PERIOD_S)
 
-    async def updates(self) -> AsyncIterator[dict[str, Any]]:
-        seen = -1
+    async def updates(self) -> AsyncIterator[bytes]:
+        """Each new status as an encoded server-sent event."""
+        seen = 0
         while True:
             async with self._changed:
                 while self.version == seen:
                     await self._changed.wait()
-                seen, latest = self.version, self.latest
-            yield latest
+                seen, frame = self.version, self.frame
+            yield frame
 
     async def ask(self, req: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -151,6 +155,8 @@ class Console:
         self.templates.env.filters["when"] = _when
         self.keep_dir = Path(cfg.vision.keep_dir).resolve()
         self.gates = [(lane.gate, lane.number, lane.role) for lane in cfg.lanes if lane.gate is not None]
+        self._stats_cache: dict[float, tuple[float, dict[str, Any]]] = {}
+        self._stats_lock = asyncio.Lock()
 
     def _config_on_disk(self) -> tuple[str, Config | None, list[str]]:
         try:
@@ -365,7 +371,21 @@ class Console:
             hours = min(48.0, max(0.1, float(request.query_params.get("hours", "6"))))
         except ValueError:
             hours = 6.0
-        return JSONResponse(await asyncio.to_thread(self.journal.stats, hours))
+        return JSONResponse(await self._stats(round(hours, 1)))
+
+    async def _stats(self, hours: float) -> dict[str, Any]:
+        """Per-minute stats change once a minute: computed at most every STATS_TTL_S per span,
+        however many pages ask (one scan of the journal, not one per open Stats page)."""
+        now = time.monotonic()
+        cached = self._stats_cache.get(hours)
+        if cached is not None and now - cached[0] < STATS_TTL_S:
+            return cached[1]
+        async with self._stats_lock:  # a burst of pages waits for one scan
+            cached = self._stats_cache.get(hours)
+            if cached is None or now - cached[0] >= STATS_TTL_S:
+                cached = (time.monotonic(), await asyncio.to_thread(self.journal.stats, hours))
+                self._stats_cache[hours] = cached
+        return cached[1]
 
     async def events(self, request: Request) -> Response:
         if self.users and self.user_of(request) is None:
@@ -375,8 +395,8 @@ class Console:
             self.hub.clients += 1
             try:
                 yield b"retry: 2000\n\n"
-                async for snap in self.hub.updates():
-                    yield b"data: " + json.dumps(snap, separators=(",", ":")).encode() + b"\n\n"
+                async for frame in self.hub.updates():
+                    yield frame
             finally:
                 self.hub.clients -= 1
 
