@@ -84,12 +84,10 @@ def _environment(cfg: Config, path: Path) -> tuple[list[str], list[str]]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print("sortgate: refusing to start, the config is invalid:", file=sys.stderr)
-        for p in exc.problems:
-            print(f"  {p}", file=sys.stderr)
+    from agent.service.local_cli import load_or_refuse
+
+    cfg = load_or_refuse(args.config, "sortgate")
+    if cfg is None:
         return 2
     from agent.service import logs
     from agent.service.runtime import run_agent

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.config import ConfigError, load_config
+from agent.config import Config, ConfigError, load_config
 from agent.service.control import encode_line, request, socket_path
 
 __all__ = ["add_commands"]
@@ -56,6 +56,25 @@ def _ask(args: argparse.Namespace, req: dict[str, Any]) -> tuple[dict[str, Any] 
         return None, f"no permission to use {path} (run as the agent's user or with sudo)"
     except (OSError, ValueError) as exc:
         return None, f"{path}: {exc}"
+
+
+def load_or_refuse(path: Path, prog: str) -> Config | None:
+    """The config, or None after printing every problem (the caller exits 2)."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{prog}: refusing to start, the config is invalid:", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p}", file=sys.stderr)
+        return None
+
+
+def _call(args: argparse.Namespace, what: str, req: dict[str, Any]) -> dict[str, Any] | int:
+    """The agent's reply to a command, or the exit code after saying why there is none."""
+    reply, why = _ask(args, req)
+    if reply is None or not reply.get("ok"):
+        return _fail(what, reply, why)
+    return reply
 
 
 def _fail(what: str, reply: dict[str, Any] | None, why: str) -> int:
@@ -169,9 +188,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 # --- technician commands ---------------------------------------------------------------
 def _cmd_maintenance(args: argparse.Namespace) -> int:
     mode = "maintenance" if args.state == "on" else "normal"
-    reply, why = _ask(args, {"op": "set_mode", "mode": mode, "user": _user()})
-    if reply is None or not reply.get("ok"):
-        return _fail("maintenance", reply, why)
+    reply = _call(args, "maintenance", {"op": "set_mode", "mode": mode, "user": _user()})
+    if isinstance(reply, int):
+        return reply
     print(f"mode {reply['mode']}" + ("" if reply["changed"] else " (already)"))
     return 0
 
@@ -185,17 +204,17 @@ def _cmd_gate_fire(args: argparse.Namespace) -> int:
         if answer.strip() != "fire":
             print("not fired")
             return 1
-    reply, why = _ask(args, {"op": "fire_gate", "gate": args.gate, "user": _user()})
-    if reply is None or not reply.get("ok"):
-        return _fail("gate fire", reply, why)
+    reply = _call(args, "gate fire", {"op": "fire_gate", "gate": args.gate, "user": _user()})
+    if isinstance(reply, int):
+        return reply
     print(f"gate {reply['gate']} (lane {reply['lane']}) fired; the controller cleared it in {reply['cleared_ms']} ms")
     return 0
 
 
 def _cmd_reader_reset(args: argparse.Namespace) -> int:
-    reply, why = _ask(args, {"op": "reader_reset", "reader": args.reader, "user": _user()})
-    if reply is None or not reply.get("ok"):
-        return _fail("reader reset", reply, why)
+    reply = _call(args, "reader reset", {"op": "reader_reset", "reader": args.reader, "user": _user()})
+    if isinstance(reply, int):
+        return reply
     print(f"counters reset: {reply['reset']}")
     return 0
 
@@ -240,12 +259,8 @@ def _cmd_console_run(args: argparse.Namespace) -> int:
     from agent.console.users import UsersError
     from agent.service import logs
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print("sortgate console: refusing to start, the config is invalid:", file=sys.stderr)
-        for p in exc.problems:
-            print(f"  {p}", file=sys.stderr)
+    cfg = load_or_refuse(args.config, "sortgate console")
+    if cfg is None:
         return 2
     logs.configure(cfg.logging.level, cfg.logging.format)
     c = cfg.console
