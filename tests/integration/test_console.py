@@ -5,6 +5,7 @@ committed ones), else to the test's temporary folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from agent.console.users import add_user
@@ -248,6 +250,8 @@ async def test_console_in_a_real_browser(broker: Mosquitto, line_name: str, tmp_
         assert "seized by olga: knife found in the side pocket" in out["chain_findings"]
         assert run.central is not None
         (finding,) = run.central.findings
+        schema = json.loads((Path(__file__).resolve().parents[2] / "docs/schemas/finding.schema.json").read_text())
+        jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).validate(finding)
         assert finding["schema"] == "sortgate.finding/1" and finding["outcome"] == "seized"
         assert finding["parcel_record_id"] == out["finding_rid"] and finding["officer"] == "olga"
         audits = [(a["action"], a.get("via")) for a in run.central.alarms if a.get("alarm") == "audit"]
