@@ -53,10 +53,11 @@ class Alarms:
         )
         self._emit(kind, active, detail, subject=subject)
 
-    def audit(self, kind: str, detail: str, **extra: Any) -> None:
-        """A person's action at the line (a mode change, a gate test): published every time."""
-        log.warning("technician action", alarm=kind, detail=detail, **extra)
-        self._emit(kind, True, detail, **extra)
+    def audit(self, detail: str, **extra: Any) -> None:
+        """A person's action at the box (a mode change, a gate test, a console login): an ``audit``
+        alarm, published every time."""
+        log.warning("audit", detail=detail, **extra)
+        self._emit("audit", True, detail, **extra)
 
     def event(self, kind: str, detail: str, **extra: Any) -> None:
         """A one-off occurrence; published at most once per kind per ``event_quiet_s``."""

@@ -183,7 +183,7 @@ class LocalControl:
         except OSError as exc:
             raise ControlError(f"mode not kept on disk, not taken: {exc}") from exc
         a.pipeline.state.mode = target
-        a.alarms.audit("audit", f"mode {now.value} -> {target.value} at the box by {who}",
+        a.alarms.audit(f"mode {now.value} -> {target.value} at the box by {who}",
                        action="set_mode", mode=target.value, user=who, via=_via(req))
         return {"mode": target.value, "changed": True}
 
@@ -232,7 +232,7 @@ class LocalControl:
         except LinkError as exc:
             raise ControlError(f"gate {gate}: {exc}") from exc
         ms = round((time.monotonic() - t0) * 1000, 1)
-        a.alarms.audit("audit", f"gate {gate} (lane {lane}) fired by hand by {who}",
+        a.alarms.audit(f"gate {gate} (lane {lane}) fired by hand by {who}",
                        action="fire_gate", gate=gate, user=who, via=_via(req))
         return {"gate": gate, "lane": lane, "cleared_ms": ms}
 
@@ -274,7 +274,7 @@ class LocalControl:
             raise ControlError("action must be login, login_failed or logout")
         who = str(req.get("user") or "?")[:64]
         detail = str(req.get("detail") or "")[:200]
-        self.agent.alarms.audit("audit", f"console {action} by {who}" + (f": {detail}" if detail else ""),
+        self.agent.alarms.audit(f"console {action} by {who}" + (f": {detail}" if detail else ""),
                                 action=action, user=who, via="console")
         return {}
 
@@ -284,7 +284,7 @@ class LocalControl:
             raise ControlError(f"no reader {name!r}; readers: {', '.join(self.agent.reader_monitor.readers)}")
         self.agent.reader_monitor.reset(name)
         who = str(req.get("user") or "?")[:64]
-        self.agent.alarms.audit("audit", f"read counters of {name or 'every reader'} reset by {who}",
+        self.agent.alarms.audit(f"read counters of {name or 'every reader'} reset by {who}",
                                 action="reader_reset", user=who, via=_via(req), subject=name)
         return {"reset": name or "all"}
 

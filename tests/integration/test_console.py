@@ -8,9 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,18 +18,13 @@ import pytest
 
 from agent.console.users import add_user
 from hw_sim.broker import Mosquitto
+from hw_sim.console_load import ConsoleProcess, free_port
 from hw_sim.harness import LineRun, RunSpec, run_line
 from hw_sim.plan import Mix, make_plan
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PASSWORD = "line-password-1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(cond: Any, timeout_s: float, what: str) -> Any:
@@ -53,23 +45,19 @@ class Visitors(threading.Thread):
         self.run_, self.port, self.shots = run, port, shots
         self.base = f"http://127.0.0.1:{port}"
         self.out: dict[str, Any] = {}
-        self.console: subprocess.Popen[bytes] | None = None
+        self.console: ConsoleProcess | None = None
 
     def run(self) -> None:
         try:
             _wait(lambda: (self.run_.state_dir / "control.sock").exists(), 60, "the agent's control socket")
-            self.console = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "console", "run", "--config", str(self.run_.config_path)],
-                stdout=subprocess.DEVNULL, stderr=open(self.run_.dir / "console.log", "wb"),
-            )
-            _wait(lambda: _answers(self.port), 30, "the console to listen")
+            self.console = ConsoleProcess(self.run_.config_path, self.port, self.run_.dir / "console.log")
+            self.console.start()
             self._browse()
         except BaseException as exc:  # noqa: BLE001 - reported by the test, not lost on this thread
             self.out["error"] = repr(exc)
         finally:
             if self.console:
-                self.console.terminate()
-                self.console.wait(10)
+                self.console.stop()
 
     def _login(self, browser: Any, user: str) -> Any:
         ctx = browser.new_context(viewport={"width": 1280, "height": 860})
@@ -195,14 +183,6 @@ class Visitors(threading.Thread):
         page.context.close()
 
 
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 async def test_console_in_a_real_browser(broker: Mosquitto, line_name: str, tmp_path: Path) -> None:
     assert CHROMIUM, "Debian's chromium is missing: tools/setup.sh installs it (apt-get install chromium)"
     shots = Path(os.environ.get("SORTGATE_SCREENSHOTS") or tmp_path / "shots")
@@ -210,7 +190,7 @@ async def test_console_in_a_real_browser(broker: Mosquitto, line_name: str, tmp_
     users = tmp_path / "console.users"
     for name, role in (("vera", "viewer"), ("olga", "officer"), ("theo", "technician")):
         add_user(users, name, role, PASSWORD)
-    port = _free_port()
+    port = free_port()
     plan = make_plan(700, 8, seed=5, speed_mps=3.0, readers=1, mix=Mix(reader_misread=0.0, hidden_item=0.12))
     spec = RunSpec(parcels=700, rate=8, seed=5, plan=plan, line=line_name, images=True,
                    extra_config=f'[console]\nport = {port}\nusers_file = "{users}"\n')

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 
 from hw_sim.broker import Mosquitto
-from hw_sim.console_load import ConsoleProcess
+from hw_sim.console_load import ConsoleProcess, free_port
 from hw_sim.harness import LineRun, RunSpec, run_line
 from hw_sim.plan import Mix, make_plan
 
@@ -134,20 +133,14 @@ async def test_status_and_technician_commands_on_a_running_line(broker: Mosquitt
         run.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_status_says_plainly_what_is_down_and_when_no_agent_runs(tmp_path: Path) -> None:
     state = tmp_path / "state"
     text = EXAMPLE.read_text()
-    text = text.replace('host = "192.0.2.10"', 'host = "127.0.0.1"').replace("port = 502 ", f"port = {_free_port()} ")
-    text = text.replace('host = "mqtt.hub.example"', 'host = "127.0.0.1"').replace("port = 1883", f"port = {_free_port()}")
+    text = text.replace('host = "192.0.2.10"', 'host = "127.0.0.1"').replace("port = 502 ", f"port = {free_port()} ")
+    text = text.replace('host = "mqtt.hub.example"', 'host = "127.0.0.1"').replace("port = 1883", f"port = {free_port()}")
     text = text.replace('state_dir = "/var/lib/sortgate"', f'state_dir = "{state}"')
     text = text.replace('"/dev/sortgate-reader-top"', f'"{tmp_path}/no-such-reader"')
-    console_port = _free_port()
+    console_port = free_port()
     text += f"\n[console]\nport = {console_port}\n"
     cfg = tmp_path / "agent.toml"
     cfg.write_text(text)
@@ -202,8 +195,8 @@ def test_a_central_mode_is_not_lifted_at_the_box(tmp_path: Path) -> None:
     state.mkdir()
     (state / "mode.json").write_text(json.dumps({"mode": "inspect_all", "seen": {}}))
     text = EXAMPLE.read_text().replace('state_dir = "/var/lib/sortgate"', f'state_dir = "{state}"')
-    text = text.replace('host = "192.0.2.10"', 'host = "127.0.0.1"').replace("port = 502 ", f"port = {_free_port()} ")
-    text = text.replace('host = "mqtt.hub.example"', 'host = "127.0.0.1"').replace("port = 1883", f"port = {_free_port()}")
+    text = text.replace('host = "192.0.2.10"', 'host = "127.0.0.1"').replace("port = 502 ", f"port = {free_port()} ")
+    text = text.replace('host = "mqtt.hub.example"', 'host = "127.0.0.1"').replace("port = 1883", f"port = {free_port()}")
     cfg = tmp_path / "agent.toml"
     cfg.write_text(text)
     agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
