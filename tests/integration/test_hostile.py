@@ -176,8 +176,9 @@ async def test_a_signature_flood_cannot_stall_the_line(broker: Mosquitto, line_n
         assert m["heartbeat_gap_ms_max"] < 200, m
         assert m["wrongly_released"] == 0 and m["late"] == 0
         # Genuine releases are released. A reader frame is timestamped when the event loop reads
-        # it; parsing a 3,276-item batch holds the loop for tens of ms, which can push one frame
-        # out of its 16 ms window: that parcel is inspected (safe), never released on a guess.
+        # it; a batch is parsed and checked 128 items at a time (about 1 ms each) so a frame keeps
+        # its window. One miss is tolerated for a loaded CI machine: that parcel is inspected
+        # (safe), never released on a guess.
         missed = m["expected_release"] - m["released"]
         assert m["expected_release"] > 0 and missed <= 1, m["needless_inspections"]
         assert set(m["needless_inspections"]) <= {"reader_timeout"}, m["needless_inspections"]
