@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agent.pipeline import sortplan
+from agent.pipeline.sortplan import SortPlan
 from agent.pipeline.waybill import FORMATS
 from agent.vision.config import VisionConfig
 from firmware_bridge.reader_codec import CounterFormat
@@ -178,8 +180,13 @@ class ReaderConfig(_Strict):
 class LaneConfig(_Strict):
     number: int = Field(ge=1, le=16, description="Lane number in the controller contract")
     name: Name
-    role: Literal["release", "inspection"]
+    role: Literal["release", "inspection", "consolidation", "hold", "recirculation"] = Field(
+        description="The lane's class (agent/pipeline/sortplan.py)"
+    )
     gate: int | None = Field(None, ge=1, le=16, description="Gate that diverts into this lane")
+    hold_reasons: list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]] | None = (
+        Field(None, max_length=32, description="hold lanes: the hold reasons this lane takes (default: any)")
+    )
 
 
 class DecisionConfig(_Strict):
@@ -350,6 +357,7 @@ class Config(_Strict):
     vision: VisionConfig = VisionConfig()
     control: ControlConfig = ControlConfig()
     console: ConsoleConfig = ConsoleConfig()
+    plan: SortPlan | None = Field(None, description="The sort plan (default: every release to the release lanes)")
 
     @model_validator(mode="after")
     def _cross(self) -> Config:
@@ -359,38 +367,54 @@ class Config(_Strict):
         devices = [r.device for r in self.readers]
         if len(set(devices)) != len(devices):
             raise ValueError(f"readers: devices must be unique, got {devices}")
-        numbers = [lane.number for lane in self.lanes]
-        if len(set(numbers)) != len(numbers):
-            raise ValueError(f"lanes: numbers must be unique, got {numbers}")
-        inspection = [lane for lane in self.lanes if lane.role == "inspection" and lane.gate is None]
-        if len(inspection) != 1:
-            raise ValueError(
-                "lanes: exactly one inspection lane must have no gate (the path a parcel takes "
-                "when no gate fires)"
-            )
-        if not any(lane.role == "release" for lane in self.lanes):
-            raise ValueError("lanes: no lane has role = 'release'")
-        for lane in self.lanes:
-            if lane.role == "release" and lane.gate is None:
-                raise ValueError(
-                    f"lanes: release lane {lane.number} has no gate; releasing must take a gate firing"
-                )
-        gates = [lane.gate for lane in self.lanes if lane.gate is not None]
-        if len(set(gates)) != len(gates):
-            raise ValueError(f"lanes: each gate may divert into one lane only, got {gates}")
+        _check_lanes(self.lanes)
+        if self.plan is not None:
+            problems = sortplan.check(self.plan, self.lanes)
+            if problems:
+                raise ValueError("plan: " + "; ".join(problems))
+        elif not any(lane.role == "release" for lane in self.lanes):
+            raise ValueError("lanes: a line without [plan] needs a lane with role = 'release'")
         return self
 
     @property
     def default_lane(self) -> int:
         return next(lane.number for lane in self.lanes if lane.role == "inspection" and lane.gate is None)
 
-    @property
-    def release_lane(self) -> int:
-        return next(lane.number for lane in self.lanes if lane.role == "release")
+    def sort_plan(self) -> sortplan.ActivePlan:
+        """The configured plan checked against the lanes, or the default plan."""
+        return sortplan.ActivePlan.build(self.plan or sortplan.default_plan(self.lanes), self.lanes)
 
     @property
     def topic_root(self) -> str:
         return f"{self.mqtt.topic_prefix}/{self.line.site}/{self.line.line}"
+
+
+def _check_lanes(lanes: list[LaneConfig]) -> None:
+    """The rules every line's lanes follow, with or without a sort plan."""
+    numbers = [lane.number for lane in lanes]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"lanes: numbers must be unique, got {numbers}")
+    inspection = [lane for lane in lanes if lane.role == "inspection" and lane.gate is None]
+    if len(inspection) != 1:
+        raise ValueError(
+            "lanes: exactly one inspection lane must have no gate (the path a parcel takes "
+            "when no gate fires)"
+        )
+    if not any(lane.role in ("release", "consolidation") for lane in lanes):
+        raise ValueError("lanes: no lane has role = 'release' or 'consolidation'")
+    for lane in lanes:
+        if lane.role != "inspection" and lane.gate is None:
+            raise ValueError(
+                f"lanes: {lane.role} lane {lane.number} has no gate; only the default inspection lane "
+                "is reached without a gate firing"
+            )
+        if lane.hold_reasons is not None and lane.role != "hold":
+            raise ValueError(f"lanes: lane {lane.number}: hold_reasons belong to hold lanes")
+    if sum(lane.role == "recirculation" for lane in lanes) > 1:
+        raise ValueError("lanes: at most one lane has role = 'recirculation' (the loop)")
+    gates = [lane.gate for lane in lanes if lane.gate is not None]
+    if len(set(gates)) != len(gates):
+        raise ValueError(f"lanes: each gate may divert into one lane only, got {gates}")
 
 
 def _key(loc: tuple[Any, ...]) -> str:

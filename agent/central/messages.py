@@ -81,6 +81,10 @@ class VerdictItem(_Inbound):
     expires_at: datetime | None = None
     site: str | None = Field(None, min_length=1, max_length=64, description="scope: only this site")
     line: str | None = Field(None, min_length=1, max_length=64, description="scope: only this line")
+    hold_reason: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$",
+                                    description="why central holds it: picks the hold lane (sort plan)")
+    group: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$",
+                              description="consolidation group (flight, country, container): picks the lane")
     key_id: str | None = Field(None, min_length=1, max_length=64)
     signature: str | None = Field(None, min_length=1, max_length=200)
 

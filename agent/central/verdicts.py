@@ -47,15 +47,21 @@ CREATE TABLE IF NOT EXISTS verdicts (
     verdict_id TEXT NOT NULL,
     issued_at REAL NOT NULL,
     expires_at REAL NOT NULL,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    hold_reason TEXT,
+    grp TEXT
 );
 """
+#: schema 2 (sort plans): a hold verdict's reason and a release verdict's consolidation group
+_STEPS = {1: "ALTER TABLE verdicts ADD COLUMN hold_reason TEXT; ALTER TABLE verdicts ADD COLUMN grp TEXT"}
 
 
 class VerdictStore:
     def __init__(self, path: Path, default_ttl_s: int) -> None:
         # synchronous=NORMAL: a verdict lost in a power cut means inspection, which is safe
-        self.db = SqliteStore(path, _SCHEMA, synchronous="NORMAL", thread_name="verdict-writer")
+        self.db = SqliteStore(
+            path, _SCHEMA, synchronous="NORMAL", thread_name="verdict-writer", version=2, steps=_STEPS
+        )
         self.default_ttl_s = default_ttl_s
 
     async def store(self, items: list[VerdictItem]) -> int:
@@ -65,7 +71,9 @@ class VerdictStore:
         for it in items:
             issued = it.issued_at.timestamp()
             expires = it.expires_at.timestamp() if it.expires_at else issued + self.default_ttl_s
-            rows.append((normalize(it.waybill), it.verdict, it.verdict_id, issued, expires, now))
+            rows.append(
+                (normalize(it.waybill), it.verdict, it.verdict_id, issued, expires, now, it.hold_reason, it.group)
+            )
         seen = [(it.verdict_id, digest(it), r[4]) for it, r in zip(items, rows, strict=True)]
 
         def upsert(conn: sqlite3.Connection) -> int:
@@ -76,12 +84,14 @@ class VerdictStore:
                 )
                 before = conn.total_changes
                 conn.executemany(
-                    """INSERT INTO verdicts(waybill, verdict, verdict_id, issued_at, expires_at, received_at)
-                       VALUES (?,?,?,?,?,?)
+                    """INSERT INTO verdicts(waybill, verdict, verdict_id, issued_at, expires_at, received_at,
+                                         hold_reason, grp)
+                       VALUES (?,?,?,?,?,?,?,?)
                        ON CONFLICT(waybill) DO UPDATE SET
                          verdict=excluded.verdict, verdict_id=excluded.verdict_id,
                          issued_at=excluded.issued_at, expires_at=excluded.expires_at,
-                         received_at=excluded.received_at
+                         received_at=excluded.received_at, hold_reason=excluded.hold_reason,
+                         grp=excluded.grp
                        WHERE excluded.issued_at > verdicts.issued_at
                           OR (excluded.issued_at = verdicts.issued_at
                               AND {rank_new} > {rank_old})""".format(
@@ -114,15 +124,15 @@ class VerdictStore:
 
     def lookup(self, waybill: str, now: float | None = None) -> VerdictLookup:
         rows = self.db.read(
-            "SELECT verdict, verdict_id, expires_at FROM verdicts WHERE waybill = ?",
+            "SELECT verdict, verdict_id, expires_at, hold_reason, grp FROM verdicts WHERE waybill = ?",
             (normalize(waybill),),
         )
         if not rows:
             return VerdictLookup("miss")
-        verdict, verdict_id, expires_at = rows[0]
+        verdict, verdict_id, expires_at, hold_reason, group = rows[0]
         if (now or time.time()) > expires_at:
             return VerdictLookup("expired", verdict, verdict_id)
-        return VerdictLookup("hit", verdict, verdict_id)
+        return VerdictLookup("hit", verdict, verdict_id, hold_reason, group)
 
     def count(self) -> int:
         return int(self.db.read("SELECT COUNT(*) FROM verdicts")[0][0])

@@ -40,8 +40,14 @@ ImageStatus = Literal["pass", "flagged", "missing", "failed"]
 
 
 class LaneClass(enum.StrEnum):
+    """The lane classes of docs/mqtt.md; ``decide`` gives RELEASE or INSPECTION, the sort plan
+    (``agent.pipeline.sortplan``) may then place a parcel in a lane of another class."""
+
     RELEASE = "release"
     INSPECTION = "inspection"
+    CONSOLIDATION = "consolidation"
+    HOLD = "hold"
+    RECIRCULATION = "recirculation"
 
 
 class Mode(enum.StrEnum):
@@ -108,6 +114,8 @@ class VerdictLookup:
     status: LookupStatus
     verdict: str | None = None  # "release" | "inspect" | "hold" when status == "hit"
     verdict_id: str | None = None
+    hold_reason: str | None = None  # why central holds it (a hold verdict's hold_reason)
+    group: str | None = None  # consolidation group (a release verdict's group)
 
 
 @dataclass(frozen=True, slots=True)

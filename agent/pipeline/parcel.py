@@ -40,6 +40,11 @@ class Parcel:
     decision: Decision | None = None
     decided_at: float | None = None
     lane: int | None = None
+    rule: str | None = None  # the sort plan's rule that placed it (None: inspection by default)
+    overflowed: bool = False  # placed in an overflow lane: its rule's first lane was full or disabled
+    plan_version: int | None = None
+    rounds: int = 0  # times it has gone round the recirculation loop before this pass
+    prev_seq: int = 0  # the trigger of its previous pass (contract 1.3), 0: a first pass
     ack: AckStatus | None = None  # "none": no acknowledgement in time
     command_at: float | None = None
     line_problems: tuple[str, ...] = ()

@@ -7,7 +7,8 @@ For every trigger one short task runs:
 2. identify the one valid waybill and look its verdict up in the local store, or ask central for
    it within what is left of the deadline;
 3. check the X-ray image within what is left;
-4. ``decide()`` (pure) -> lane and reasons;
+4. ``decide()`` (pure) -> whether every check passed, and the reasons; the sort plan
+   (``sortplan.place``, pure) -> the lane;
 5. write the lane to the controller's mailbox and check the acknowledgement (or, if it is too
    late for that, leave the parcel to the controller's default: inspection);
 6. hand the decision half of the record to the recorder.
@@ -30,6 +31,7 @@ import structlog
 from agent.pipeline.decision import DecisionInputs, ImageOutcome, ReaderOutcome, decide, identify
 from agent.pipeline.parcel import AckStatus, Parcel
 from agent.pipeline.records import decision_part
+from agent.pipeline.sortplan import place
 from agent.pipeline.state import LaneCommander, LineState, VerdictAsk, VerdictSource
 from firmware_bridge import contract as c
 from firmware_bridge.errors import LinkError
@@ -125,7 +127,13 @@ class ParcelRunner:
                 line_problems=p.line_problems, mode=p.mode, late=late,
             ))
             p.decided_at = now
-            p.lane = cfg.release_lane if p.decision.released else cfg.default_lane
+            plan = self.state.plan  # read once: a plan replaced meanwhile applies from the next parcel
+            placed = place(plan, p.decision, p.verdict, self.state.lane_full_bits, p.rounds)
+            p.decision, p.lane, p.rule, p.overflowed, p.plan_version = (
+                placed.decision, placed.lane, placed.rule, placed.overflowed, plan.version
+            )
+            if placed.overflowed:
+                self.state.metrics.count("overflowed")
             self.state.metrics.count(f"decided_{p.decision.lane.value}")
             for reason in p.decision.reasons:
                 self.state.metrics.count(f"reason_{reason}")

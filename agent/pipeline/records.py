@@ -55,7 +55,8 @@ def decision_part(p: Parcel, readers: Sequence[str], model_version: str | None) 
             for k in (d.code_checks if d else ())
         ],
         "verdict": (
-            {"status": p.verdict.status, "verdict": p.verdict.verdict, "verdict_id": p.verdict.verdict_id}
+            {"status": p.verdict.status, "verdict": p.verdict.verdict, "verdict_id": p.verdict.verdict_id,
+             "hold_reason": p.verdict.hold_reason, "group": p.verdict.group}
             if p.verdict else None
         ),
         "image": p.image.record(model_version, p.image_kept) if p.image and model_version else None,
@@ -66,6 +67,7 @@ def decision_part(p: Parcel, readers: Sequence[str], model_version: str | None) 
                 "lane_class": d.lane.value,
                 "lane": p.lane,
                 "reasons": list(d.reasons),
+                "plan": {"version": p.plan_version, "rule": p.rule, "overflowed": p.overflowed},
                 "decision_ms": round(((p.decided_at or p.seen_at) - p.seen_at) * 1000, 2),
             }
             if d else None

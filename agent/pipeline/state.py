@@ -18,6 +18,7 @@ import structlog
 from agent.config import Config
 from agent.pipeline.decision import Mode, VerdictLookup
 from agent.pipeline.parcel import Parcel
+from agent.pipeline.sortplan import ActivePlan
 from firmware_bridge import contract as c
 
 log = structlog.get_logger("sortgate.line")
@@ -74,6 +75,11 @@ class LineState:
     problems: tuple[str, ...] = ("controller_offline",)  # empty: healthy
     identity: c.Identity | None = None  # the controller's, once connected
     outbox_ok: bool = True  # records can be stored (else nothing is released)
+    plan: ActivePlan = field(init=False)  # the sort plan in force (replaced whole, between two parcels)
+    lane_full_bits: int = 0  # the controller's LANE_FULL_BITS at its last poll
+
+    def __post_init__(self) -> None:
+        self.plan = self.cfg.sort_plan()
 
     def set_problems(self, problems: tuple[str, ...]) -> None:
         """The line's health as the controller reports it (plus the outbox's): every change is
