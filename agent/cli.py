@@ -1,4 +1,4 @@
-"""Command line: ``sortgate run | check-config | status | maintenance | gate | reader | sim | bench ...``."""
+"""Command line: ``sortgate run | check-config | status | maintenance | gate | reader | plan | sim | bench ...``."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     print(
         f"{args.config}: OK — site {cfg.line.site}, line {cfg.line.line}, "
         f"controller {cfg.controller.transport}, {len(cfg.readers)} reader(s), {len(cfg.lanes)} lanes, "
-        f"broker {cfg.mqtt.host}:{cfg.mqtt.port}"
+        f"broker {cfg.mqtt.host}:{cfg.mqtt.port}, sort plan "
+        + (f"{cfg.plan.name!r} version {cfg.plan.version} ({len(cfg.plan.rules)} rules)" if cfg.plan else "default")
     )
     return 0
 
@@ -333,9 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help="change the file (default: only say what would change)")
     p.set_defaults(func=_cmd_migrate_config)
 
-    from agent.service.local_cli import add_commands
+    from agent.service import local_cli, plan_cli
 
-    add_commands(sub)
+    local_cli.add_commands(sub)
+    plan_cli.add_commands(sub)
 
     p = sub.add_parser("sim", help="run a simulated line (simulator, broker, agent) with a live view")
     _line_args(p, parcels=300, rate=5.0)

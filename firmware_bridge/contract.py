@@ -1,4 +1,4 @@
-"""The sortgate controller contract, version 1.1: register map and codec (no I/O).
+"""The sortgate controller contract, version 1.3: register map and codec (no I/O).
 
 Every register is a Modbus holding register (read with FC3, written with FC6/FC16), addressed
 from 0 on the wire (``40001`` in 1-based PLC notation is address 0). 32-bit values take two
@@ -13,6 +13,8 @@ Areas::
     32..35    agent area      agent-owned (heartbeat, mode request, maintenance gate fire)
     40..42    lane mailbox    agent-owned, written in one FC16 request: counter, seq, lane
     100..163  trigger ring    controller-owned, 16 entries x 4 registers
+    164..179  previous pass   controller-owned (1.3): per trigger-ring slot, the SEQ of the same
+                              parcel's previous pass round the recirculation loop (0: first pass)
     200..711  result ring     controller-owned, 64 entries x 8 registers
 """
 
@@ -24,7 +26,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 CONTRACT_MAJOR = 1
-CONTRACT_MINOR = 2  # 1.1 adds CTRL_BOOT (28), a 1.0 controller reads 0 there; 1.2: optional function 23
+#: 1.1 adds CTRL_BOOT (28), a 1.0 controller reads 0 there; 1.2: optional function 23 and the
+#: newest trigger (36..39); 1.3: a full lane defaults only the parcels commanded to it, the
+#: recirculation loop (previous-pass SEQs, disposition RECIRCULATED)
+CONTRACT_MINOR = 3
+#: from this minor on, LANE_FULL is not a line problem (only the full lane's parcels default)
+PER_LANE_FULL_MINOR = 3
 MAGIC = 0x5347  # "SG"
 
 # --- identity (read-only) ---------------------------------------------------------------
@@ -60,6 +67,7 @@ REG_LANE_FULL_BITS = 25
 REG_WATCHDOG_TRIPS = 26
 REG_DEFAULTED_COUNT = 27
 REG_CTRL_BOOT = 28  # 1.1: changes at every start of the controller program; 0 = not provided
+REG_NEWEST_PREV_SEQ = 29  # 1.3: the previous-pass SEQ of the newest trigger (with 36..39)
 
 # --- agent area (writable) --------------------------------------------------------------
 AGENT_BASE = 32
@@ -83,6 +91,8 @@ REG_CMD_LANE = 42
 TRIGGER_RING_BASE = 100
 TRIGGER_ENTRY_LEN = 4
 TRIGGER_RING_LEN = 16
+#: 1.3: PREV_SEQ of trigger seq s at PREV_SEQ_BASE + (s mod 16), written before the entry's SEQ
+PREV_SEQ_BASE = TRIGGER_RING_BASE + TRIGGER_RING_LEN * TRIGGER_ENTRY_LEN
 RESULT_RING_BASE = 200
 RESULT_ENTRY_LEN = 8
 #: Results are kept longer than triggers: an agent that restarts (a few seconds at 10 parcels/s)
@@ -128,6 +138,7 @@ class Disposition(enum.IntEnum):
     MISSORTED = 5  # lane photo-eye saw it in a lane other than the one steered to
     LOST = 6  # no lane photo-eye saw it in time
     JAMMED = 7
+    RECIRCULATED = 8  # 1.3: steered into the recirculation loop as commanded; it comes back as a new trigger
 
 
 DISPOSITIONS = frozenset(int(d) for d in Disposition)
@@ -269,7 +280,7 @@ class Status:
     defaulted_count: int
     agent_heartbeat: int  # echo of the agent area, so a restarted agent continues the count
     boot: int = 0  # CTRL_BOOT (contract 1.1); 0 from a 1.0 controller
-    newest_trigger: TriggerEntry | None = None  # NEWEST_TRIGGER (1.2); None where SEQ reads 0
+    newest_trigger: TriggerEntry | None = None  # NEWEST_TRIGGER (1.2) with its PREV_SEQ (1.3); None where SEQ reads 0
 
     @classmethod
     def decode(cls, regs: Sequence[int]) -> Status:
@@ -290,12 +301,14 @@ class Status:
             defaulted_count=at(REG_DEFAULTED_COUNT),
             agent_heartbeat=at(REG_AGENT_HEARTBEAT),
             boot=at(REG_CTRL_BOOT),
-            newest_trigger=TriggerEntry.decode(regs, NEWEST_TRIGGER_BASE - POLL_BASE)
+            newest_trigger=TriggerEntry.decode(regs, NEWEST_TRIGGER_BASE - POLL_BASE, at(REG_NEWEST_PREV_SEQ))
             if at(NEWEST_TRIGGER_BASE) else None,
         )
 
-    def problems(self) -> tuple[str, ...]:
-        """Line-health problems this status shows (empty: healthy)."""
+    def problems(self, default_lane: int | None = None) -> tuple[str, ...]:
+        """Line-health problems this status shows (empty: healthy). ``default_lane``: given for a
+        controller of contract 1.3 or later, where a full lane defaults only its own parcels, so
+        LANE_FULL is a line problem only when the default lane itself is full."""
         out = []
         if not self.bits & StatusBit.BELT_RUNNING:
             out.append("belt_stopped")
@@ -309,6 +322,8 @@ class Status:
         ):
             if self.bits & bit:
                 out.append(name)
+        if default_lane is not None and "lane_full" in out and not self.lane_full_bits >> (default_lane - 1) & 1:
+            out.remove("lane_full")
         return tuple(out)
 
 
@@ -330,14 +345,15 @@ class TriggerEntry(_RingEntry):
     seq: int
     encoder: int
     length_mm: int
+    prev_seq: int = 0  # 1.3: its previous pass round the loop (164..179, or 29 for the newest); not in the entry
 
     RING_BASE = TRIGGER_RING_BASE
     ENTRY_LEN = TRIGGER_ENTRY_LEN
     RING_LEN = TRIGGER_RING_LEN
 
     @classmethod
-    def decode(cls, regs: Sequence[int], offset: int = 0) -> TriggerEntry:
-        return cls(regs[offset], u32(regs, offset + 1), regs[offset + 3])
+    def decode(cls, regs: Sequence[int], offset: int = 0, prev_seq: int = 0) -> TriggerEntry:
+        return cls(regs[offset], u32(regs, offset + 1), regs[offset + 3], prev_seq)
 
     def encode(self) -> list[int]:
         return [self.seq, *split_u32(self.encoder), self.length_mm]

@@ -228,9 +228,22 @@ class ControllerLink:
             return await self.poll()
         return c.Status.decode(regs)
 
-    async def read_triggers(self, seqs: Sequence[int]) -> dict[int, c.TriggerEntry]:
-        """Read the trigger-ring slots of ``seqs``; returns slot contents keyed by slot seq."""
-        return await self._read_ring(seqs, c.TriggerEntry)
+    async def read_triggers(self, seqs: Sequence[int], prev: bool = False) -> dict[int, c.TriggerEntry]:
+        """Read the trigger-ring slots of ``seqs``; returns slot contents keyed by slot seq.
+        ``prev`` (contract 1.3, a line with a recirculation loop): each with its PREV_SEQ, read in
+        the same request (from the first entry through the last one's PREV_SEQ, at most 80 registers)."""
+        if not prev:
+            return await self._read_ring(seqs, c.TriggerEntry)
+        out: dict[int, c.TriggerEntry] = {}
+        for address, count in c.slot_ranges(seqs, c.TRIGGER_RING_BASE, c.TRIGGER_ENTRY_LEN, c.TRIGGER_RING_LEN):
+            first = (address - c.TRIGGER_RING_BASE) // c.TRIGGER_ENTRY_LEN
+            last = first + count // c.TRIGGER_ENTRY_LEN - 1
+            regs = await self.read(address, c.PREV_SEQ_BASE + last + 1 - address)
+            for slot in range(first, last + 1):
+                i = (slot - first) * c.TRIGGER_ENTRY_LEN
+                entry = c.TriggerEntry.decode(regs, i, regs[c.PREV_SEQ_BASE + slot - address])
+                out[entry.seq] = entry
+        return {s: out[s] for s in seqs if s in out}
 
     async def read_results(self, rseqs: Sequence[int]) -> dict[int, c.ResultEntry]:
         return await self._read_ring(rseqs, c.ResultEntry)

@@ -3,8 +3,11 @@
 ``ControllerModel`` is the PLC program: it owns the register image and applies the contract's
 rules (docs/controller-contract.md) — capture the encoder at each trigger into the trigger ring,
 accept or refuse lane commands by encoder position, trip the agent watchdog when the heartbeat
-stops, fire the gate at the decision point only for an accepted release command, and write what the
-lane photo-eyes saw into the result ring. Time is injected (``clock``) so tests can drive it.
+stops, fire the gate at the decision point only for an accepted command, and write what the
+lane photo-eyes saw into the result ring. Lanes have capacities that fill and drain (LANE_FULL_BITS);
+from contract 1.3 a full lane defaults only the parcels commanded to it, and the recirculation lane
+gives RECIRCULATED (the harness brings the parcel back to the scan point with its PREV_SEQ). Time
+is injected (``clock``) so tests can drive it.
 
 ``serve_tcp`` / ``serve_rtu`` put the model behind pymodbus's SimDevice: on every request the
 ``action`` hook copies the model's registers out (reads) or hands the written values to the model
@@ -64,6 +67,11 @@ class ControllerParams:
     contract_major: int = c.CONTRACT_MAJOR
     fc23: bool = True  # implements function 23 (read/write multiple registers), optional since 1.2
     newest_trigger: bool = True  # mirrors the newest trigger entry at 36..39, optional since 1.2
+    contract_minor: int = c.CONTRACT_MINOR  # below 3: a full lane defaults every parcel (1.0-1.2)
+    # lane physics: lane -> (capacity in parcels, parcels emptied per second); a lane at capacity
+    # is full (its LANE_FULL_BITS bit) until it has drained to 80 % of it
+    lane_capacity: dict[int, tuple[int, float]] = field(default_factory=dict)
+    recirculation_lane: int | None = None  # 1.3: a parcel steered here comes back (RECIRCULATED)
 
 
 class ControllerModel:
@@ -73,7 +81,7 @@ class ControllerModel:
         ident = c.Identity(
             magic=c.MAGIC,
             contract_major=params.contract_major,
-            contract_minor=c.CONTRACT_MINOR,
+            contract_minor=params.contract_minor,
             firmware=params.firmware,
             counts_per_metre=params.counts_per_metre,
             gate_count=len(params.gate_for_lane),
@@ -95,6 +103,10 @@ class ControllerModel:
         self.answer: str = "normal"  # "normal" | "exception" | "slow"
         self.slow_s = 0.0
         self.boot = 0
+        self.fill: dict[int, float] = dict.fromkeys(params.lane_capacity, 0.0)  # parcels in each lane
+        self.full_bits = 0
+        self.lane_full_events = 0  # a lane became full
+        self._drained_at = clock()
         self.power_up()
 
     def power_up(self) -> list[Tracked]:
@@ -137,6 +149,7 @@ class ControllerModel:
         if self.halted:
             return  # the program does not run: every register keeps its last value
         now = self.clock()
+        self._drain(now)
         hb = self.regs[c.REG_AGENT_HEARTBEAT]
         if hb != self._last_hb_value:
             # any change is a heartbeat; it clears a trip (parcels triggered while tripped
@@ -162,8 +175,27 @@ class ControllerModel:
             self.regs[c.REG_MAINT_FIRE_GATE] = 0
         self._write_status(now)
 
+    def _drain(self, now: float) -> None:
+        """Lanes empty at their rate; LANE_FULL_BITS and LANE_FULL follow (with hysteresis)."""
+        dt, self._drained_at = now - self._drained_at, now
+        bits = self.full_bits
+        for lane, (capacity, drain) in self.p.lane_capacity.items():
+            self.fill[lane] = max(0.0, self.fill[lane] - drain * dt)
+            bit = 1 << (lane - 1)
+            if self.fill[lane] >= capacity and not bits & bit:
+                bits |= bit
+                self.lane_full_events += 1
+            elif self.fill[lane] <= 0.8 * capacity:
+                bits &= ~bit
+        self.full_bits = bits
+        if bits:
+            self.status |= c.StatusBit.LANE_FULL
+        else:
+            self.status &= ~c.StatusBit.LANE_FULL
+
     def _write_status(self, now: float) -> None:
         r = self.regs
+        r[c.REG_LANE_FULL_BITS] = self.full_bits
         r[c.REG_CTRL_HEARTBEAT] = int((now - self.t0) * 10) & 0xFFFF
         r[c.REG_STATUS_BITS] = int(self.status)
         r[c.REG_ENCODER : c.REG_ENCODER + 2] = c.split_u32(self.encoder_at(now))
@@ -178,7 +210,7 @@ class ControllerModel:
         self._write_status(self.clock())
 
     # --- photo-eye at the scan point ----------------------------------------------------
-    def trigger(self, length_mm: int) -> Tracked | None:
+    def trigger(self, length_mm: int, prev_seq: int = 0) -> Tracked | None:
         """The scan-point photo-eye: track the parcel (None: the program is not running, and the
         parcel, never tracked, takes the default lane through the unpowered gates)."""
         if self.halted:
@@ -188,6 +220,7 @@ class ControllerModel:
         self.trigger_seq = c.next_seq(self.trigger_seq)
         entry = c.TriggerEntry(self.trigger_seq, self.encoder_at(now), length_mm)
         slot = c.TriggerEntry.slot(entry.seq)
+        self.regs[c.PREV_SEQ_BASE + entry.seq % c.TRIGGER_RING_LEN] = prev_seq  # 1.3, before the entry's SEQ
         self.regs[slot : slot + c.TRIGGER_ENTRY_LEN] = entry.encode()
         tracked = Tracked(
             entry.seq, entry.encoder, length_mm, now,
@@ -195,6 +228,7 @@ class ControllerModel:
         )
         self.tracked[entry.seq] = tracked
         if self.p.newest_trigger:  # contract 1.2, optional: the same entry inside the status block
+            self.regs[c.REG_NEWEST_PREV_SEQ] = prev_seq
             self.regs[c.NEWEST_TRIGGER_BASE : c.NEWEST_TRIGGER_BASE + c.TRIGGER_ENTRY_LEN] = entry.encode()
         self.regs[c.REG_TRIGGER_HEAD] = self.trigger_seq
         return tracked
@@ -289,16 +323,18 @@ class ControllerModel:
             return t
         self.tick()
         t.decided = True
-        unhealthy = self.status & (
-            c.StatusBit.ESTOP | c.StatusBit.JAM | c.StatusBit.LANE_FULL | c.StatusBit.MAINTENANCE
-            | c.StatusBit.FAULT
-        )
+        per_lane = self.p.contract_minor >= c.PER_LANE_FULL_MINOR
+        faults = c.StatusBit.ESTOP | c.StatusBit.JAM | c.StatusBit.MAINTENANCE | c.StatusBit.FAULT
+        if not per_lane or self.full_bits >> (self.p.default_lane - 1) & 1:
+            faults |= c.StatusBit.LANE_FULL  # 1.0-1.2, or the default lane itself full: the whole line
         if t.during_watchdog or self.status & c.StatusBit.WATCHDOG_TRIPPED:
             t.steered_lane, t.disposition = self.p.default_lane, c.Disposition.DEFAULTED_WATCHDOG
-        elif unhealthy:
+        elif self.status & faults:
             t.steered_lane, t.disposition = self.p.default_lane, c.Disposition.DEFAULTED_FAULT
         elif not t.cmd_lane:
             t.steered_lane, t.disposition = self.p.default_lane, c.Disposition.DEFAULTED_NO_COMMAND
+        elif self.full_bits >> (t.cmd_lane - 1) & 1:  # 1.3: its lane filled after the command
+            t.steered_lane, t.disposition = self.p.default_lane, c.Disposition.DEFAULTED_FAULT
         else:
             t.steered_lane, t.disposition = t.cmd_lane, c.Disposition.SORTED
         if t.disposition != c.Disposition.SORTED:
@@ -321,6 +357,11 @@ class ControllerModel:
         seq = t.seq
         del self.tracked[seq]
         disposition = t.disposition
+        if t.lane_reached in self.fill:
+            self.fill[t.lane_reached] += 1
+            self._drain(self.clock())
+        if disposition == c.Disposition.SORTED and t.steered_lane == self.p.recirculation_lane:
+            disposition = c.Disposition.RECIRCULATED
         if t.lane_reached != t.steered_lane:
             disposition = c.Disposition.MISSORTED
         if "lost" in self.faults:

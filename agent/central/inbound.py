@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -47,6 +47,9 @@ from agent.config import Config
 from agent.pipeline.decision import Mode, VerdictLookup
 from agent.pipeline.waybill import normalize
 from firmware_bridge.modbus_link import ControllerLink
+
+if TYPE_CHECKING:
+    from agent.central.plans import PlanUpdates
 
 log = structlog.get_logger("sortgate.inbound")
 
@@ -102,8 +105,9 @@ class Inbound:
         self._waiting = False
         self.commands = Commands(
             cfg, keyring, alarms, mqtt, link, counters, set_mode, status, modes,
-            verify_signed=self._verify_one, report_invalid=self._invalid,
+            verify_signed=self.verify_signed, report_invalid=self._invalid,
         )
+        self.plans: PlanUpdates | None = None  # set by the runtime (it needs the pipeline's state)
 
     # --- admission (loop thread, straight from paho's callback) --------------------------
     def offer(self, topic: str, payload: bytes, meta: MessageMeta) -> None:
@@ -151,6 +155,8 @@ class Inbound:
             await self._batch(payload)
         elif leaf == "cmd":
             await self.commands.handle(payload, meta)
+        elif leaf == "plan" and self.plans is not None:
+            await self.plans.offer(payload)
         else:
             self._invalid(topic, "no handler for this topic")
 
@@ -233,8 +239,8 @@ class Inbound:
             return
         self.alarms.condition("verdict_store_failed", False, "verdicts are stored again")
 
-    async def _verify_one(self, raw: dict[str, Any]) -> Check:
-        """One signature check on the worker thread (a signed command)."""
+    async def verify_signed(self, raw: dict[str, Any]) -> Check:
+        """One signature check on the worker thread (a signed command or plan)."""
         loop = asyncio.get_running_loop()
         return (await loop.run_in_executor(self._verifier, self._verify, [raw]))[0]
 

@@ -12,13 +12,13 @@ ids of the signed commands already obeyed (so none can be replayed), live in
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from agent.central.files import write_json_atomic
 from agent.pipeline.decision import Mode
 
 log = structlog.get_logger("sortgate.mode")
@@ -55,12 +55,7 @@ class ModeStore:
         seen = {k: v for k, v in self.seen.items() if now - v < SEEN_KEEP_S}
         if command_id:
             seen[command_id] = now
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"mode": mode.value, "changed_at": now, "set_by": set_by, "seen": seen}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, {"mode": mode.value, "changed_at": now, "set_by": set_by, "seen": seen})
         self.mode, self.seen, self.set_by = mode, seen, set_by
 
     def was_obeyed(self, command_id: str) -> bool:

@@ -173,7 +173,7 @@ class MqttLink:
             return
         self._failing = False
         self._backoff.reset()
-        for leaf in ("verdicts", "verdicts/answer", "cmd"):
+        for leaf in ("verdicts", "verdicts/answer", "cmd", "plan"):
             client.subscribe(messages.topic(self.root, leaf), qos=1)
         client.publish(
             messages.topic(self.root, "status"), json.dumps(self._birth()), qos=1, retain=True

@@ -106,6 +106,8 @@ class Intake:
         remaining = ident.decision_distance_counts - travelled
         deadline = now + remaining / max(speed_cps, 1.0)
         p = Parcel(entry.seq, entry, now, time.time(), deadline, last_input_at=now)
+        if entry.prev_seq:  # back from the recirculation loop (contract 1.3)
+            p.prev_seq, p.rounds = entry.prev_seq, self.state.returned(entry.prev_seq)
         self.state.parcels[entry.seq] = p
         self.state.metrics.count("triggers")
         for hook in self.trigger_hooks:

@@ -134,6 +134,8 @@ class ParcelRunner:
             )
             if placed.overflowed:
                 self.state.metrics.count("overflowed")
+            if placed.lane == plan.recirculation_lane:
+                self.state.sent_round(p.seq, p.rounds)
             self.state.metrics.count(f"decided_{p.decision.lane.value}")
             for reason in p.decision.reasons:
                 self.state.metrics.count(f"reason_{reason}")

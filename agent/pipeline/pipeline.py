@@ -69,6 +69,9 @@ class Pipeline:
         self.intake.forget()
         return self.recorder.controller_restarted(boot)
 
+    def set_lane_full(self, bits: int, per_lane: bool) -> None:
+        self.state.set_lane_full(bits, per_lane)
+
     def set_problems(self, problems: tuple[str, ...]) -> None:
         self.state.set_problems(problems)
 

@@ -41,6 +41,8 @@ def decision_part(p: Parcel, readers: Sequence[str], model_version: str | None) 
             "encoder": p.trigger.encoder,
             "length_mm": p.trigger.length_mm,
             "seen_at": messages.iso(p.seen_wall),
+            "prev_seq": p.prev_seq or None,
+            "rounds": p.rounds,
         },
         "reads": [
             {
@@ -107,7 +109,8 @@ def parcel_record(
     }
     if part is None:
         rec.update(
-            trigger={"encoder": encoder, "length_mm": None, "seen_at": None}, reads=[], waybill=None,
+            trigger={"encoder": encoder, "length_mm": None, "seen_at": None, "prev_seq": None, "rounds": 0},
+            reads=[], waybill=None,
             code_checks=[], verdict=None, image=None, line_problems=[], mode=None, decision=None,
             command=None, note="no decision by this agent (it was not running when the parcel passed)",
         )

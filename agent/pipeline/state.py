@@ -77,9 +77,40 @@ class LineState:
     outbox_ok: bool = True  # records can be stored (else nothing is released)
     plan: ActivePlan = field(init=False)  # the sort plan in force (replaced whole, between two parcels)
     lane_full_bits: int = 0  # the controller's LANE_FULL_BITS at its last poll
+    loop_rounds: dict[int, int] = field(default_factory=dict)  # seq sent round the loop -> its earlier rounds
 
     def __post_init__(self) -> None:
         self.plan = self.cfg.sort_plan()
+
+    def sent_round(self, seq: int, rounds: int) -> None:
+        """Parcel ``seq`` goes round the loop after ``rounds`` earlier rounds (kept for its return)."""
+        self.loop_rounds[seq] = rounds
+        while len(self.loop_rounds) > 256:
+            del self.loop_rounds[next(iter(self.loop_rounds))]
+
+    def returned(self, prev_seq: int) -> int:
+        """Rounds behind a parcel back from the loop whose previous pass was ``prev_seq``. A pass
+        this agent did not send round (it restarted meanwhile) counts as the limit: uncertain, so
+        the parcel goes no further round, it goes to inspection."""
+        rounds = self.loop_rounds.pop(prev_seq, None)
+        return self.plan.plan.recirculate_unread if rounds is None else rounds + 1
+
+    def set_lane_full(self, bits: int, per_lane: bool) -> None:
+        """The controller's LANE_FULL_BITS. With a controller of contract 1.3 (``per_lane``) a full
+        lane is a condition of that lane alone (alarm ``lane_full`` with the lane as subject): the
+        sort plan overflows its parcels or sends them to inspection, the line keeps flowing."""
+        changed, self.lane_full_bits = bits ^ self.lane_full_bits, bits
+        if not changed:
+            return
+        for n in range(1, 17):
+            if changed >> (n - 1) & 1:
+                full = bool(bits >> (n - 1) & 1)
+                if full:
+                    self.metrics.count("lane_full_events")
+                if per_lane:
+                    detail = (f"lane {n} full: its parcels go to an overflow lane or to inspection" if full
+                              else f"lane {n} has room again")
+                    self.alarms.condition("lane_full", full, detail, subject=str(n))
 
     def set_problems(self, problems: tuple[str, ...]) -> None:
         """The line's health as the controller reports it (plus the outbox's): every change is

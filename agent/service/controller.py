@@ -96,6 +96,12 @@ class ControllerSupervisor:
             problems.append(
                 f"controller default lane {ident.default_lane} != config inspection lane {self.cfg.default_lane}"
             )
+        loop = next((lane.number for lane in self.cfg.lanes if lane.role == "recirculation"), None)
+        if loop is not None and ident.contract_minor < c.PER_LANE_FULL_MINOR:
+            problems.append(
+                f"config has a recirculation lane ({loop}) but the controller speaks contract "
+                f"{ident.contract_major}.{ident.contract_minor}; the loop needs 1.3 (previous-pass SEQs)"
+            )
         if self.cfg.controller.heartbeat_interval_ms * 2 > ident.watchdog_ms:
             problems.append(
                 f"heartbeat_interval_ms {self.cfg.controller.heartbeat_interval_ms} is more than half the "
@@ -103,6 +109,11 @@ class ControllerSupervisor:
             )
         if problems:
             raise ContractMismatch(f"{self.link.settings.describe()}: " + "; ".join(problems))
+
+    def _per_lane_full(self) -> bool:
+        """A full lane defaults only its own parcels (contract 1.3 and later)."""
+        ident = self.pipeline.state.identity
+        return ident is not None and ident.contract_minor >= c.PER_LANE_FULL_MINOR
 
     async def run(self) -> None:
         backoff = Backoff(0.2, max(0.2, self.cfg.controller.reconnect_max_s))
@@ -265,7 +276,10 @@ class ControllerSupervisor:
             self.status = status
             cps = self.speed.update(now, status.encoder)
             self._check_restart(status)
-            self.pipeline.set_problems(status.problems() + self._frozen(status.ctrl_heartbeat, now))
+            per_lane = self._per_lane_full()
+            self.pipeline.set_lane_full(status.lane_full_bits, per_lane)
+            problems = status.problems(self.cfg.default_lane if per_lane else None)
+            self.pipeline.set_problems(problems + self._frozen(status.ctrl_heartbeat, now))
             if status.trigger_head != trigger_head:
                 await self._read_triggers(trigger_head, status, cps, now, prev_sent)
                 trigger_head = status.trigger_head
@@ -290,7 +304,8 @@ class ControllerSupervisor:
         if seqs == [status.trigger_head] and newest is not None and newest.seq == status.trigger_head:
             entries = {newest.seq: newest}  # one new trigger, already in the poll (contract 1.2)
         else:
-            entries = await self.link.read_triggers(seqs)
+            loop = self.pipeline.state.plan.recirculation_lane is not None
+            entries = await self.link.read_triggers(seqs, prev=loop)
         for seq in seqs:
             if seq in entries:
                 self.pipeline.on_trigger(entries[seq], status.encoder, cps, now, prev_sent)

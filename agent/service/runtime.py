@@ -38,6 +38,7 @@ from agent.central.inbound import Inbound
 from agent.central.mode_store import ModeStore
 from agent.central.mqtt import MessageMeta, MqttLink, TlsSettings
 from agent.central.outbox import Outbox, OutboxPublisher
+from agent.central.plans import PlanUpdates
 from agent.central.security import KeyRing, read_secret, resolve_secret
 from agent.central.sqlite_store import SchemaTooNew
 from agent.central.verdicts import VerdictStore
@@ -168,6 +169,9 @@ class Agent:
             ask=self.inbound.ask if cfg.verdicts.lookup else None, metrics=self.metrics,
         )
         self.pipeline.state.mode = self.modes.mode  # a restart never loosens the mode
+        self.plans = PlanUpdates(cfg, self.pipeline.state, keyring, self.alarms, self.mqtt,
+                                 verify=self.inbound.verify_signed)
+        self.inbound.plans = self.plans
         self.image_source: FolderSource | CaptureSource | None = None
         if self.vision is not None:
             from agent.vision.check import CaptureSource, FolderSource
@@ -215,6 +219,7 @@ class Agent:
             contract=f"{ident.contract_major}.{ident.contract_minor}" if ident else None,
             controller_firmware=".".join(map(str, ident.firmware)) if ident else None,
             model_version=self.vision.model_version if self.vision else None, mode=self.pipeline.state.mode.value,
+            plan=self.plans.info(),
         )
 
     def _status_info(self) -> dict[str, Any]:

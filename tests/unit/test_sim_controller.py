@@ -179,3 +179,67 @@ def test_writes_are_refused_whole_and_mode_values_checked() -> None:
     assert m.regs[c.REG_MAINT_FIRE_GATE] == 0
     assert m.on_write(c.REG_MODE_REQUEST, [2]) is ExcCodes.ILLEGAL_VALUE
     assert m.regs[c.REG_MODE_REQUEST] == 0
+
+
+def test_a_full_lane_defaults_only_its_own_parcels_from_contract_1_3() -> None:
+    lanes = {2: 1, 3: 2, 4: 3}
+    m, clock = model(gate_for_lane=lanes, lane_count=4, lane_capacity={3: (2, 0.2)})
+    heartbeat(m, 1)
+    # lane 3 fills (three parcels, less what drained meanwhile): its bit comes on, once
+    for counter in (1, 2, 3):
+        t = m.trigger(150)
+        assert command(m, counter, t.seq, 3) is c.AckCode.ACCEPTED
+        clock.t += m.decision_delay_s()
+        heartbeat(m, 10 + counter)
+        m.decision_point(t)
+        m.lane_exit(t)
+    m.tick()
+    assert m.regs[c.REG_LANE_FULL_BITS] == 1 << 2 and m.status & c.StatusBit.LANE_FULL
+    assert m.lane_full_events == 1
+    # a parcel for lane 3 (commanded before it filled, say) defaults; one for lane 2 is sorted
+    a, b = m.trigger(150), m.trigger(150)
+    command(m, 4, a.seq, 3)
+    command(m, 5, b.seq, 2)
+    clock.t += m.decision_delay_s()
+    heartbeat(m, 20)
+    assert m.decision_point(a).lane_reached == 1 and a.disposition == c.Disposition.DEFAULTED_FAULT
+    assert m.decision_point(b).lane_reached == 2 and b.disposition == c.Disposition.SORTED
+    # it drains to 80 % of capacity and has room again
+    clock.t += 7.0
+    heartbeat(m, 21)
+    m.tick()
+    assert m.regs[c.REG_LANE_FULL_BITS] == 0 and not m.status & c.StatusBit.LANE_FULL
+
+
+def test_a_1_2_controller_defaults_every_parcel_while_any_lane_is_full() -> None:
+    m, clock = model(gate_for_lane={2: 1, 3: 2}, lane_count=3, lane_capacity={3: (1, 0.0)}, contract_minor=2)
+    heartbeat(m, 1)
+    t = m.trigger(150)
+    command(m, 1, t.seq, 3)
+    clock.t += m.decision_delay_s()
+    heartbeat(m, 2)
+    m.decision_point(t)
+    m.lane_exit(t)
+    u = m.trigger(150)
+    command(m, 2, u.seq, 2)
+    clock.t += m.decision_delay_s()
+    heartbeat(m, 3)
+    assert m.decision_point(u).lane_reached == 1 and u.disposition == c.Disposition.DEFAULTED_FAULT
+    assert m.regs[c.REG_CONTRACT_MINOR] == 2
+
+
+def test_the_loop_gives_recirculated_and_the_return_carries_its_previous_seq() -> None:
+    m, clock = model(gate_for_lane={2: 1, 3: 2}, lane_count=3, recirculation_lane=3)
+    heartbeat(m, 1)
+    t = m.trigger(150)
+    command(m, 1, t.seq, 3)
+    clock.t += m.decision_delay_s()
+    m.decision_point(t)
+    entry = m.lane_exit(t)
+    assert entry is not None and (entry.lane_reached, entry.disposition) == (3, c.Disposition.RECIRCULATED)
+    back = m.trigger(150, prev_seq=t.seq)
+    assert back is not None and back.seq != t.seq
+    assert m.regs[c.PREV_SEQ_BASE + back.seq % c.TRIGGER_RING_LEN] == t.seq
+    assert m.regs[c.REG_NEWEST_PREV_SEQ] == t.seq
+    status = c.Status.decode(m.regs[c.POLL_BASE : c.POLL_BASE + c.POLL_LEN])
+    assert status.newest_trigger is not None and status.newest_trigger.prev_seq == t.seq
