@@ -132,21 +132,21 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
     from hw_sim.plan import Mix, make_plan
 
     mix = Mix(hidden_item=0.06) if args.images else Mix()
-    plan = make_plan(args.parcels, args.rate, args.seed, args.speed, args.readers, mix=mix)
     try:
         names = [f.name for f in chaos.parse(args.chaos)] if args.chaos else []
-    except ValueError as exc:
-        print(f"sortgate bench line: {exc}", file=sys.stderr)
-        return 2
-    try:
         readers = _reader_spec(args)
+        sorting = _sort_spec(args)
     except ValueError as exc:
         print(f"sortgate bench line: {exc}", file=sys.stderr)
         return 2
+    plan = make_plan(args.parcels, args.rate, args.seed, args.speed, args.readers, mix=mix,
+                     sort=sorting.pop("mix", None))
+    if sorting:
+        sorting["plan_update_at"] = plan.duration_s * 0.4  # central replaces the plan 40 % into the run
     spec = RunSpec(parcels=args.parcels, rate=args.rate, seed=args.seed, speed_mps=args.speed,
                    readers=args.readers, transport=args.transport, plan=plan, chaos=names,
                    images=args.images, require_signatures="verdict-flood" in names, idle_s=args.idle_s,
-                   console_clients=args.console_clients, **readers)
+                   console_clients=args.console_clients, **readers, **sorting)
     if "verdict-flood" in names:
         from hw_sim.harness import forged_batches
 
@@ -159,6 +159,26 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
         for k, v in metrics.items():
             print(f"{k:>20}: {v}")
     return 0
+
+
+def _sort_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """``--plan FILE``: the simulated line with a sort plan (hw_sim/sortline.py), the plan central
+    sends mid-run (``--plan-update FILE``, or the same plan one version up with its first container
+    out of use). Raises ValueError naming what is wrong."""
+    if args.plan is None:
+        if args.plan_update is not None:
+            raise ValueError("--plan-update needs --plan")
+        return {}
+    from agent.service.plan_cli import read_plan
+    from hw_sim import sortline
+
+    plans = [read_plan(args.plan)]
+    plans.append(read_plan(args.plan_update) if args.plan_update else sortline.derive_update(plans[0]))
+    for path, body in zip((args.plan, args.plan_update or "the derived update"), plans, strict=True):
+        problems = sortline.problems(body)
+        if problems:
+            raise ValueError(f"{path} does not fit the simulated line (hw_sim/sortline.py): " + "; ".join(problems))
+    return {"sort_plan": plans[0], "plan_update": plans[1], "mix": sortline.MIX}
 
 
 def _cmd_bench_sweep(args: argparse.Namespace) -> int:
@@ -359,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="X-ray images with the image check required; 6%% of parcels hide a prohibited item")
     b.add_argument("--idle-s", type=float, default=20.0,
                    help="seconds of running belt without parcels first, for idle_cpu_pct (0: skip; default 20)")
+    b.add_argument("--plan", type=Path, help="a line with a sort plan (hw_sim/sortline.py: release, hold, "
+                   "consolidation, overflow and loop lanes that fill and drain), starting with this plan "
+                   "(e.g. config/plans/example.toml); central replaces it 40%% into the run. Adds wrong_lane, "
+                   "overflowed, recirculated and lane_full_events")
+    b.add_argument("--plan-update", type=Path, help="the plan central sends mid-run (default: --plan one "
+                   "version up, with its first consolidation container disabled)")
     b.add_argument("--console-clients", type=int, default=0,
                    help="run the local web console with this many live clients (event stream open, stats and "
                    "a search every 5 s each); adds `console` to the figures")

@@ -24,14 +24,18 @@ from agent.central.security import sign_item
 
 class Central:
     """``known``: waybill -> verdict for answering look-ups (a waybill not in it is unknown).
-    ``signing``: (private key base64, key id) to sign every verdict it sends."""
+    ``signing``: (private key base64, key id) to sign every verdict it sends. ``extra``: waybill ->
+    more verdict fields (``hold_reason``, ``group``) for lines with a sort plan."""
 
     def __init__(
         self, host: str, port: int, topic_root: str, known: dict[str, str] | None = None,
         signing: tuple[str, str] | None = None, client_id: str | None = None,
+        extra: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.root = topic_root
         self.known = known or {}
+        self.extra = extra or {}
+        self.plan_results: list[dict[str, Any]] = []  # the agent's answers to plans (plan/result)
         self.signing = signing
         self.lookups = 0
         self.records: dict[str, dict[str, Any]] = {}
@@ -80,6 +84,7 @@ class Central:
         client.subscribe(f"{self.root}/stats", qos=0)
         client.subscribe(f"{self.root}/verdicts/request", qos=1)
         client.subscribe(f"{self.root}/cmd/reply/#", qos=1)  # the reply topic and everything under it
+        client.subscribe(f"{self.root}/plan/result", qos=1)
         self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -91,12 +96,16 @@ class Central:
         leaf = msg.topic.rsplit("/", 1)[-1]
         if msg.topic.startswith(f"{self.root}/cmd/reply"):
             leaf = "reply"
+        elif msg.topic == f"{self.root}/plan/result":
+            leaf = "plan_result"
         if leaf in ("parcels", "status") and data.get("schema") not in ("sortgate.parcel/1", "sortgate.status/1"):
             self.foreign.append((msg.topic, bytes(msg.payload)))
             return
         if leaf == "request":
             self._answer(data, msg)
             return
+        lists = {"alarms": self.alarms, "findings": self.findings, "stats": self.stats,
+                 "plan_result": self.plan_results}
         with self._lock:
             if leaf == "parcels":
                 rid = data.get("record_id")
@@ -107,12 +116,8 @@ class Central:
                     self.record_order.append(rid)
             elif leaf == "status":
                 self.status = data
-            elif leaf == "alarms":
-                self.alarms.append(data)
-            elif leaf == "findings":
-                self.findings.append(data)
-            elif leaf == "stats":
-                self.stats.append(data)
+            elif leaf in lists:
+                lists[leaf].append(data)
             elif leaf == "reply":
                 self.replies.append(data)
                 self.reply_topics.append(msg.topic)
@@ -142,6 +147,7 @@ class Central:
             "verdict_id": uuid.uuid4().hex[:12],
             "issued_at": now.isoformat(),
             "expires_at": (now + timedelta(seconds=ttl_s)).isoformat(),
+            **self.extra.get(waybill, {}),
         }
         if self.signing:
             item = sign_item(item, *self.signing)
@@ -168,6 +174,15 @@ class Central:
     def push_verdicts(self, items: list[tuple[str, str]], ttl_s: float = 86_400) -> None:
         """Publish one batch of (waybill, verdict) pairs at QoS 1 and wait for the PUBACK."""
         self.push_items([self.item(w, v, ttl_s) for w, v in items])
+
+    def plan_message(self, plan: dict[str, Any], site: str, line: str) -> dict[str, Any]:
+        """A sort plan as central publishes it (sortgate.plan/1, signed when central signs)."""
+        body = {"schema": "sortgate.plan/1", "site": site, "line": line,
+                "issued_at": datetime.now(UTC).isoformat(), "plan": plan}
+        return sign_item(body, *self.signing) if self.signing else body
+
+    def publish_plan(self, plan: dict[str, Any], site: str, line: str) -> None:
+        self.publish_raw(f"{self.root}/plan", json.dumps(self.plan_message(plan, site, line)).encode())
 
     def push_items(self, items: list[dict[str, Any]]) -> None:
         batch = {"schema": "sortgate.verdicts/1", "batch_id": uuid.uuid4().hex[:16], "verdicts": items}

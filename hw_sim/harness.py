@@ -16,6 +16,12 @@ Figures (``LineRun.metrics``):
                code printed on another parcel
   needless_inspections  parcels that deserved release but were inspected, counted per reason in
                their records (a parcel with several reasons counts under each)
+With a sort plan (``RunSpec.sort_plan``, the line of ``hw_sim.sortline``), also:
+  wrong_lane   passes that reached a lane ground truth does not allow them under any plan of the
+               run (another class, another group, a hold lane for another reason)
+  overflowed   records placed in an overflow lane (the rule's first lane was full or disabled)
+  recirculated passes sent round the loop (each comes back as a new trigger, a new record)
+  lane_full_events  times a lane became full
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from agent.central.security import generate_keypair, sign_item
 from agent.service.stats import percentile
 from firmware_bridge import contract as c
 from hw_sim import chaos as faults
-from hw_sim import waybills
+from hw_sim import sortline, waybills
 from hw_sim.broker import Mosquitto
 from hw_sim.central import Central
 from hw_sim.console_load import DEFAULT_PORT, ConsoleProcess, LoadClients, free_port
@@ -57,6 +63,8 @@ from hw_sim.reader_faults import BOOT_GARBAGE, RESTART_S, pick_faults, plan_cycl
 from hw_sim.readers import SIM_COUNTER, NullModem, SimReader
 
 RELEASE_LANE, INSPECTION_LANE = 2, 1
+TWO_LANES = {RELEASE_LANE: "release", INSPECTION_LANE: "inspection"}
+CLEARED = ("release", "consolidation")  # lane classes that take a parcel out of customs
 
 
 @dataclass
@@ -98,6 +106,11 @@ class RunSpec:
     idle_s: float = 0.0  # the belt runs this long with no parcel first: the agent's idle CPU is measured
     console: bool = False  # run the local web console beside the agent (read-only, no users)
     console_clients: int = 0  # live clients on the console during the run (implies console)
+    # a line with a sort plan (hw_sim.sortline's lanes): the plan the config starts with, and one
+    # central sends (signed) ``plan_update_at`` seconds after the first parcel
+    sort_plan: dict[str, Any] | None = None
+    plan_update: dict[str, Any] | None = None
+    plan_update_at: float = 0.0
 
 
 @dataclass
@@ -112,6 +125,9 @@ class Truth:
     faults: list[str] = field(default_factory=list)  # reader faults that hit this parcel
     after_kill: bool = False  # triggered after the agent was first killed
     t_image: float | None = None  # when the scanner's image file appeared
+    classes: dict[int, str] = field(default_factory=lambda: TWO_LANES)  # lane -> class on this line
+    pass_no: int = 0  # rounds of the recirculation loop before this pass
+    prev_seq: int = 0  # the trigger of its previous pass
 
     @property
     def last_input(self) -> float | None:
@@ -134,7 +150,14 @@ class Truth:
 
     @property
     def reached(self) -> str:
-        return {RELEASE_LANE: "release", INSPECTION_LANE: "inspection"}.get(self.lane_reached or 0, "lost")
+        """The class of the lane it reached ("lost" if none)."""
+        return self.classes.get(self.lane_reached or 0, "lost")
+
+    @property
+    def cleared(self) -> bool:
+        """Ground truth lets it out of customs: a label a reader can read on this pass and a
+        release verdict."""
+        return sortline.readable(self.planned, self.pass_no) and self.planned.verdict == "release"
 
 
 def agent_config(spec: RunSpec, *, controller: str, readers: list[SimReader], mqtt_port: int, state_dir: Path,
@@ -187,16 +210,7 @@ heartbeat_interval_ms = 100
 timeout_ms = 250
 reconnect_max_s = 1.0
 {reader_blocks}
-[[lanes]]
-number = {INSPECTION_LANE}
-name = "inspection"
-role = "inspection"
-
-[[lanes]]
-number = {RELEASE_LANE}
-name = "release"
-role = "release"
-gate = 1
+{_lanes(spec)}
 
 [decision]
 safety_margin_ms = 60
@@ -220,6 +234,23 @@ stats_interval_s = 5
 """
 
 
+def _lanes(spec: RunSpec) -> str:
+    if spec.sort_plan is not None:
+        return sortline.lanes_toml() + sortline.plan_toml(spec.sort_plan)
+    return f"""
+[[lanes]]
+number = {INSPECTION_LANE}
+name = "inspection"
+role = "inspection"
+
+[[lanes]]
+number = {RELEASE_LANE}
+name = "release"
+role = "release"
+gate = 1
+"""
+
+
 class LineRun:
     def __init__(
         self,
@@ -233,13 +264,24 @@ class LineRun:
         self.broker = broker
         self.on_progress = on_progress
         self.dir = Path(tempfile.mkdtemp(prefix="sortgate-run-"))
-        self.truth = [Truth(p) for p in self.plan.parcels]
+        lanes: dict[str, Any] = {}
+        self.classes = TWO_LANES
+        if spec.sort_plan is not None:
+            self.classes = sortline.CLASSES
+            lanes = {
+                "gate_for_lane": {n: g for n, _, _, g, _ in sortline.LANES if g is not None},
+                "lane_count": len(sortline.LANES), "lane_capacity": dict(sortline.CAPACITY),
+                "recirculation_lane": sortline.LOOP_LANE,
+            }
+        self.truth = [Truth(p, classes=self.classes) for p in self.plan.parcels]
         self.model = ControllerModel(
             ControllerParams(
                 speed_mps=spec.speed_mps, decision_distance_m=spec.decision_distance_m,
-                watchdog_ms=spec.watchdog_ms, **spec.controller_overrides,
+                watchdog_ms=spec.watchdog_ms, **{**lanes, **spec.controller_overrides},
             )
         )
+        self._returns: list[asyncio.Future[None]] = []  # passes back from the loop, still on the belt
+        self.plans_used = [spec.sort_plan] if spec.sort_plan else []
         counter = SIM_COUNTER if spec.reader_counter else None
         self.readers = [
             SimReader(f"reader{i + 1}", *self._framing(), counter=counter, link=self.dir / f"reader{i + 1}.tty")
@@ -344,16 +386,18 @@ class LineRun:
         config = agent_config(self.spec, controller=controller_toml, readers=self.readers,
                               mqtt_port=self.broker.port, state_dir=self.state_dir, scan_dir=self.scan_dir,
                               mqtt_auth=auth)
-        if self.spec.require_signatures:
+        if self.spec.require_signatures or self.spec.plan_update is not None:
             config += self._trust_central()
         if self.spec.console or self.spec.console_clients:  # the console reads its port from this config
             self._console_port = free_port(DEFAULT_PORT)
             config += f"\n[console]\nport = {self._console_port}\n"
         self.config_path.write_text(config)
         known = {p.waybill: p.verdict for p in self.plan.parcels if p.waybill and p.verdict != "none"}
+        extra = {p.waybill: {k: v for k, v in (("hold_reason", p.hold_reason), ("group", p.group)) if v}
+                 for p in self.plan.parcels if p.waybill and (p.hold_reason or p.group)}
         self.central = Central(
             "127.0.0.1", self.broker.port, self.topic_root, known=known, signing=self.spec.signing,
-            client_id=f"central-{self.spec.site}-{self.spec.line}",
+            client_id=f"central-{self.spec.site}-{self.spec.line}", extra=extra,
         ).start()
         self.model.on_command = None
         try:
@@ -367,8 +411,10 @@ class LineRun:
             feeder = asyncio.create_task(self._feed(t0), name="feeder")
             progress = asyncio.create_task(self._progress(), name="progress")
             chaos = asyncio.create_task(self._chaos(t0), name="chaos")
+            update = asyncio.create_task(self._update_plan(t0), name="plan-update")
             await feeder
             await chaos
+            await update
             await self._settle()
             self._cpu_at_end = (self._agent_cpu_s(), time.monotonic())
             if progress.done():
@@ -538,10 +584,21 @@ class LineRun:
             items = [(p.waybill, p.verdict) for p in chunk if p.waybill]
             await asyncio.to_thread(self.central.push_verdicts, items)
 
+    async def _update_plan(self, t0: float) -> None:
+        """Central replaces the sort plan mid-run (signed like its verdicts)."""
+        if self.spec.plan_update is None:
+            return
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, t0 + self.spec.plan_update_at - loop.time()))
+        assert self.central is not None and self.spec.signing is not None
+        self.plans_used.append(self.spec.plan_update)
+        self.chaos_log.append((round(loop.time() - t0, 2), f"plan-update v{self.spec.plan_update['version']}"))
+        await asyncio.to_thread(self.central.publish_plan, self.spec.plan_update, self.spec.site, self.spec.line)
+
     async def _feed(self, t0: float) -> None:
         loop = asyncio.get_running_loop()
         pending: list[asyncio.Future[None]] = []
-        for truth in self.truth:
+        for truth in list(self.truth):
             p = truth.planned
             when = t0 + p.offset_s
             await asyncio.sleep(max(0.0, when - loop.time()))
@@ -549,12 +606,14 @@ class LineRun:
             pending.append(done)
             self._trigger(truth, done)
         await asyncio.gather(*pending)
+        while self._returns:  # parcels back from the loop may send others round again
+            await self._returns.pop(0)
 
     def _trigger(self, truth: Truth, done: asyncio.Future[None]) -> None:
         loop = asyncio.get_running_loop()
         p = truth.planned
         truth.after_kill = self.killed_at is not None
-        tracked = self.model.trigger(round(p.length_m * 1000))
+        tracked = self.model.trigger(round(p.length_m * 1000), truth.prev_seq)
         truth.tracked = tracked
         noise = self.spec.reader_noise.get(p.index)
         for r, (reader, decode_ms) in enumerate(zip(self.readers, p.decode_ms, strict=True)):
@@ -586,14 +645,15 @@ class LineRun:
             return
         if now < self._reader_down_until[r]:
             return  # still booting: this parcel is never read by it
-        if p.label == "noread":
+        if p.label == "noread" and not sortline.readable(p, truth.pass_no):
             codes: tuple[str, ...] | None = None
         elif p.reader_misread:
             codes = (waybills.misread(p.codes[0], _rng(p.index)),)
         else:
             codes = p.codes
         speed = self.spec.speed_mps
-        nxt = self.plan.parcels[p.index + 1] if p.index + 1 < len(self.plan.parcels) else None
+        # (a pass back from the loop is between two planned parcels: no next parcel to plan around)
+        nxt = self.plan.parcels[p.index + 1] if p.index + 1 < len(self.plan.parcels) and not truth.pass_no else None
         pitch = (nxt.offset_s - p.offset_s) if nxt else 1.0
         next_frame = pitch + nxt.length_m / speed + nxt.decode_ms[r] / 1000 if nxt else pitch
         cycles = plan_cycles(
@@ -646,6 +706,13 @@ class LineRun:
             truth.disposition = entry.disposition_name
         self.exited += 1
         done.set_result(None)
+        if truth.disposition == "recirculated":  # round the loop, back to the scan point
+            loop = asyncio.get_running_loop()
+            back = Truth(truth.planned, classes=self.classes, pass_no=truth.pass_no + 1, prev_seq=truth.tracked.seq)
+            self.truth.append(back)
+            again: asyncio.Future[None] = loop.create_future()
+            self._returns.append(again)
+            loop.call_later(sortline.LOOP_S, self._trigger, back, again)
 
     async def _settle(self, timeout_s: float = 20.0) -> None:
         """Wait for the last records to reach central."""
@@ -704,7 +771,7 @@ class LineRun:
                 if t.tracked and t.tracked.t_seen is not None]
         m: dict[str, Any] = {
             "parcels": len(truths),
-            "released": sum(t.reached == "release" for t in truths),
+            "released": sum(t.reached in CLEARED for t in truths),
             "inspected": sum(t.reached == "inspection" for t in truths),
             "lost": sum(t.reached == "lost" for t in truths),
             # physically in another lane than the controller steered it to (a gate or lane fault)
@@ -716,9 +783,7 @@ class LineRun:
                 if t.tracked and t.tracked.cmd_lane and t.lane_reached != t.tracked.cmd_lane
                 and t.disposition in ("defaulted_watchdog", "defaulted_fault")
             ),
-            "wrongly_released": sum(
-                t.reached == "release" and t.planned.expected_lane == "inspection" for t in truths
-            ),
+            "wrongly_released": sum(t.reached in CLEARED and not t.cleared for t in truths),
             "late": sum(t.disposition == "defaulted_no_command" for t in truths),
             # the longest time the controller saw no agent heartbeat while its watchdog was not tripped
             "heartbeat_gap_ms_max": round(self.model.max_hb_gap_s * 1000, 1),
@@ -726,10 +791,12 @@ class LineRun:
             # from the trigger's capture to the first status read that showed it to the agent
             "trigger_seen_ms": _quantiles(seen),
             "records_published": sum(1 for k in keys if k in records),
-            "expected_release": sum(t.planned.expected_lane == "release" for t in truths),
+            "expected_release": sum(t.cleared for t in truths),
             "wrong_identity": sum(1 for t in truths if self._wrong_identity(t, records)),
             "needless_inspections": self._needless(truths, records),
         }
+        if self.spec.sort_plan is not None:
+            m.update(self._sort_figures(truths, records))
         if self.spec.reader_faults or self.spec.fault_plan:
             m["reader_faults"] = dict(sorted(collections.Counter(f for t in truths for f in t.faults).items()))
         if self.spec.images:
@@ -762,6 +829,29 @@ class LineRun:
         self.metrics = m  # the agent process's own figures are added when it ends
         return m
 
+    def _sort_figures(self, truths: list[Truth], records: dict[tuple[int, int], dict[str, Any]]) -> dict[str, Any]:
+        """Figures of a line with a sort plan (the module docstring says what each means)."""
+        wrong = [t for t in truths if t.lane_reached and t.lane_reached not in
+                 sortline.allowed(t.planned, t.pass_no, self.plans_used).allowed]
+        placed = [(records.get(t.key) or {}).get("decision") or {} for t in truths]
+        return {
+            "wrong_lane": len(wrong),
+            "wrong_lane_examples": [
+                {"seq": t.key[0], "lane": t.lane_reached, "verdict": t.planned.verdict, "group": t.planned.group,
+                 "hold_reason": t.planned.hold_reason, "label": t.planned.label, "pass": t.pass_no}
+                for t in wrong[:5]
+            ],
+            "overflowed": sum(bool((d.get("plan") or {}).get("overflowed")) for d in placed),
+            "recirculated": sum(t.disposition == "recirculated" for t in truths),
+            "lane_full_events": self.model.lane_full_events,
+            "by_class": dict(sorted(collections.Counter(t.reached for t in truths).items())),
+            "plan_versions": dict(sorted(collections.Counter(
+                str((d.get("plan") or {}).get("version")) for d in placed if d).items())),
+            "plan_results": [{"version": r.get("version"), "accepted": r.get("accepted"),
+                              "problems": r.get("problems")} for r in self.central.plan_results]
+            if self.central else [],
+        }
+
     def _wrong_identity(self, truth: Truth, records: dict[tuple[int, int], dict[str, Any]]) -> bool:
         """The record of this parcel names a code that is not printed on it but on another parcel."""
         if truth.tracked is None:
@@ -784,7 +874,7 @@ class LineRun:
         """Parcels that deserved release but were inspected, per reason in their records."""
         causes: collections.Counter[str] = collections.Counter()
         for t in truths:
-            if t.planned.expected_lane != "release" or t.reached == "release" or t.tracked is None:
+            if not t.cleared or t.reached in CLEARED or t.tracked is None:
                 continue
             decision = (records.get(t.key) or {}).get("decision") or {}
             for reason in decision.get("reasons") or [f"no_decision_{t.disposition}"]:

@@ -17,7 +17,7 @@ with at least ``min_gap_m`` between them; the pitch averages ``speed / rate``.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hw_sim import waybills
 from hw_sim.reader_faults import TUNNEL
@@ -36,6 +36,17 @@ class Mix:
 
 
 @dataclass(frozen=True)
+class SortMix:
+    """What a line with a sort plan adds to the plan: hold reasons, consolidation groups, and
+    labels a reader can read on a later pass round the loop."""
+
+    hold_reasons: tuple[str, ...] = ()  # drawn evenly for every hold verdict
+    groups: tuple[str, ...] = ()  # drawn evenly for the share ``grouped`` of release verdicts
+    grouped: float = 0.6
+    readable_again: float = 0.5  # share of unreadable labels that a reader reads on the second pass
+
+
+@dataclass(frozen=True)
 class PlannedParcel:
     index: int
     offset_s: float  # when its leading edge reaches the scan point, from run start
@@ -48,6 +59,9 @@ class PlannedParcel:
     decode_ms: tuple[float, ...]  # per reader: its frame leaves this long after the trailing edge
     item: str | None = None  # a prohibited item inside (battery, blade, firearm, liquid)
     scan_ms: float = 100.0  # X-ray image export delay after the trigger
+    hold_reason: str | None = None  # a hold verdict's reason (sort plans)
+    group: str | None = None  # a release verdict's consolidation group (sort plans)
+    readable_on_pass: int | None = None  # an unreadable label a reader reads from this pass on (0: first)
 
     @property
     def hidden_item(self) -> bool:
@@ -89,6 +103,7 @@ def make_plan(
     readers: int = 1,
     min_gap_m: float = 0.10,
     mix: Mix | None = None,
+    sort: SortMix | None = None,
 ) -> Plan:
     mix = mix or Mix()
     rng = random.Random(seed)
@@ -138,4 +153,17 @@ def make_plan(
         extra = max(mean_pitch - 0.15 - min_gap_m, 0.0)
         pitch = min_pitch + (rng.expovariate(1 / extra) if extra > 0 else 0.0)
         t += pitch / speed_mps
+    if sort is not None:  # (its own generator: plans without a sort plan stay exactly as they were)
+        parcels = _sorted(parcels, sort, random.Random(seed + 31_337))
     return Plan(parcels, speed_mps, rate, seed, mix)
+
+
+def _sorted(parcels: list[PlannedParcel], sort: SortMix, rng: random.Random) -> list[PlannedParcel]:
+    out = []
+    for p in parcels:
+        hold = rng.choice(sort.hold_reasons) if p.verdict == "hold" and sort.hold_reasons else None
+        group = (rng.choice(sort.groups) if p.verdict == "release" and sort.groups and rng.random() < sort.grouped
+                 else None)
+        again = 1 if p.label == "noread" and rng.random() < sort.readable_again else None
+        out.append(replace(p, hold_reason=hold, group=group, readable_on_pass=again))
+    return out

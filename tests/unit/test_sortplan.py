@@ -201,3 +201,23 @@ def test_the_default_plan_is_the_two_lane_line() -> None:
     unread = Decision(LaneClass.INSPECTION, ("no_read",))
     assert place(active, unread, None).decision.reasons == ("no_read",)
     assert PlanRule(name="release", verdict="release", lanes=[2]) == active.plan.rules[0]
+
+
+def test_the_simulated_line_is_the_example_config_and_runs_the_example_plan() -> None:
+    from pathlib import Path
+
+    from agent.config import load_config
+    from agent.service.plan_cli import read_plan
+    from hw_sim import sortline
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "config" / "sortgate.sortplan.example.toml")
+    lanes = [(lane.number, lane.name, lane.role, lane.gate, tuple(lane.hold_reasons) if lane.hold_reasons else None)
+             for lane in cfg.lanes]
+    assert lanes == list(sortline.LANES)
+    example = read_plan(root / "config" / "plans" / "example.toml")
+    assert sortline.problems(example) == []
+    update = sortline.derive_update(example)
+    assert sortline.problems(update) == [] and update["version"] == example["version"] + 1
+    assert update["disabled_lanes"] == [5]
+    assert "does not exist" in " ".join(sortline.problems({**example, "disabled_lanes": [16]}))
