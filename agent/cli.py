@@ -103,10 +103,18 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     from hw_sim.view import LiveView
 
     mix = Mix(hidden_item=0.06) if args.images else Mix()
-    plan = make_plan(args.parcels, args.rate, args.seed, args.speed, args.readers, mix=mix)
+    try:
+        readers, sorting = _reader_spec(args), _sort_spec(args)
+    except ValueError as exc:
+        print(f"sortgate sim: {exc}", file=sys.stderr)
+        return 2
+    plan = make_plan(args.parcels, args.rate, args.seed, args.speed, args.readers, mix=mix,
+                     sort=sorting.pop("mix", None))
+    if sorting:
+        sorting["plan_update_at"] = plan.duration_s * 0.4
     spec = RunSpec(parcels=args.parcels, rate=args.rate, seed=args.seed, speed_mps=args.speed,
                    readers=args.readers, transport=args.transport, plan=plan, images=args.images,
-                   console=not args.no_console, **_reader_spec(args))
+                   console=not args.no_console, **readers, **sorting)
     view = LiveView(sys.stdout, plain=args.plain)
     run = LineRun(spec, on_progress=view.update)
     run.on_console = lambda url: print(f"console: {url} (open it in a browser; read-only, no users_file)",
@@ -333,6 +341,12 @@ def _line_args(p: argparse.ArgumentParser, parcels: int, rate: float) -> None:
                    help="share of parcel-reader pairs that get one of --faults (default 0.01)")
     p.add_argument("--no-counter", action="store_true",
                    help="readers send no trigger counter (frames are tied by their time windows alone)")
+    p.add_argument("--plan", type=Path, help="a line with a sort plan (hw_sim/sortline.py: release, hold, "
+                   "consolidation, overflow and loop lanes that fill and drain), starting with this plan "
+                   "(e.g. config/plans/example.toml); central replaces it 40%% into the run. Adds wrong_lane, "
+                   "overflowed, recirculated and lane_full_events")
+    p.add_argument("--plan-update", type=Path, help="the plan central sends mid-run (default: --plan one "
+                   "version up, with its first consolidation container disabled)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -379,12 +393,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="X-ray images with the image check required; 6%% of parcels hide a prohibited item")
     b.add_argument("--idle-s", type=float, default=20.0,
                    help="seconds of running belt without parcels first, for idle_cpu_pct (0: skip; default 20)")
-    b.add_argument("--plan", type=Path, help="a line with a sort plan (hw_sim/sortline.py: release, hold, "
-                   "consolidation, overflow and loop lanes that fill and drain), starting with this plan "
-                   "(e.g. config/plans/example.toml); central replaces it 40%% into the run. Adds wrong_lane, "
-                   "overflowed, recirculated and lane_full_events")
-    b.add_argument("--plan-update", type=Path, help="the plan central sends mid-run (default: --plan one "
-                   "version up, with its first consolidation container disabled)")
     b.add_argument("--console-clients", type=int, default=0,
                    help="run the local web console with this many live clients (event stream open, stats and "
                    "a search every 5 s each); adds `console` to the figures")

@@ -103,7 +103,7 @@ class LocalControl:
             "agent": {
                 "version": agent_version, "pid": os.getpid(), "up_s": round(time.time() - self.started, 1),
                 "site": a.cfg.line.site, "line": a.cfg.line.line, "config_hash": a.hash,
-                "mode": state.mode.value, "mode_set_by": a.modes.set_by,
+                "mode": state.mode.value, "mode_set_by": a.modes.set_by, "plan": a.plans.info(),
             },
             "line": {"healthy": not state.problems, "problems": list(state.problems), "all_problems": problems},
             "controller": self._controller(),

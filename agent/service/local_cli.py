@@ -130,6 +130,9 @@ def render(st: dict[str, Any]) -> str:
     health = ("healthy" if line["healthy"]
               else "UNHEALTHY: " + ", ".join(line["problems"]) + " (every parcel → inspection)")
     out.append(f"mode        {mode}")
+    if "plan" in a:
+        p = a["plan"]
+        out.append(f"sort plan   {p['name']} version {p['version']} (from {p['source']})")
     out.append(f"line        {health}")
     if ctl["connected"]:
         s = ctl.get("status", {})

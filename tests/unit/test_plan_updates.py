@@ -136,3 +136,22 @@ async def test_a_line_without_trusted_keys_takes_plans_from_its_config_only(tmp_
     up.keyring = None
     await up.offer(message(private, version=3))
     assert state.plan.version == 1 and "no trusted keys" in mqtt.sent[-1][1]["problems"][0]
+
+
+async def test_messages_match_their_published_schemas(tmp_path: Path) -> None:
+    import jsonschema
+
+    schemas = ROOT / "docs" / "schemas"
+    plan_schema = json.loads((schemas / "plan.schema.json").read_text())
+    result_schema = json.loads((schemas / "plan_result.schema.json").read_text())
+    cfg, private = line(tmp_path)
+    up, _, mqtt, _ = updates(cfg, tmp_path)
+    good = message(private, version=2)
+    jsonschema.validate(json.loads(good), plan_schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**json.loads(good), "plan": {**PLAN, "rules": []}}, plan_schema)
+    await up.offer(good)
+    await up.offer(message(private, version=3, rules=[{"name": "r", "verdict": "release", "lanes": [12]}]))
+    assert [r["accepted"] for _, r in mqtt.sent] == [True, False]
+    for _, reply in mqtt.sent:
+        jsonschema.validate(reply, result_schema)
