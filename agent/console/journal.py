@@ -92,7 +92,7 @@ class Journal:
         for minute, lane_class, reasons, dms, ims in rows:
             m = minutes.setdefault(minute, {"n": 0, "inspected": {}, "dms": [], "ims": []})
             m["n"] += 1
-            if lane_class != "release":
+            if lane_class in (None, "inspection"):  # (release, consolidation, hold and the loop are not)
                 for reason in (reasons or "no_decision").split(",")[:1]:  # the first reason names it
                     m["inspected"][reason] = m["inspected"].get(reason, 0) + 1
                     reasons_seen[reason] = reasons_seen.get(reason, 0) + 1
