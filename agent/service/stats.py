@@ -39,7 +39,7 @@ class StatsReporter:
         self._mark = (now, counters, len(latencies))
         interval = max(now - t0, 1e-6)
         parcels = delta.get("triggers", 0)
-        released = delta.get("decided_release", 0)
+        released = delta.get("decided_release", 0) + delta.get("decided_consolidation", 0)
         return {
             "schema": messages.SCHEMA_STATS,
             "at": messages.iso(),
@@ -50,6 +50,8 @@ class StatsReporter:
             "parcels_per_hour": round(parcels * 3600 / interval, 1),
             "released": released,
             "inspected": delta.get("decided_inspection", 0),
+            "held": delta.get("decided_hold", 0),
+            "recirculated": delta.get("decided_recirculation", 0),
             "release_ratio": round(released / parcels, 4) if parcels else None,
             "noread_rate": round(delta.get("reason_no_read", 0) / parcels, 4) if parcels else None,
             "decision_ms": {
