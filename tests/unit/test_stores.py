@@ -40,6 +40,34 @@ async def test_newer_verdict_supersedes_and_older_one_is_ignored(tmp_path: Path)
         store.close()
 
 
+async def test_a_verdict_store_of_schema_1_gains_hold_reason_and_group(tmp_path: Path) -> None:
+    """A store written before sort plans keeps its verdicts and takes the new fields."""
+    path = tmp_path / "v.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE seen (verdict_id TEXT PRIMARY KEY, digest TEXT NOT NULL, expires_at REAL NOT NULL);"
+        "CREATE TABLE verdicts (waybill TEXT PRIMARY KEY, verdict TEXT NOT NULL, verdict_id TEXT NOT NULL,"
+        " issued_at REAL NOT NULL, expires_at REAL NOT NULL, received_at REAL NOT NULL);"
+        "INSERT INTO verdicts VALUES ('RB123456785GB', 'release', 'old', 1, 4102444800, 1);"
+        "PRAGMA user_version = 1;"
+    )
+    conn.close()
+    store = VerdictStore(path, default_ttl_s=86_400)
+    try:
+        old = store.lookup("RB123456785GB")
+        assert (old.status, old.verdict, old.group, old.hold_reason) == ("hit", "release", None, None)
+        held = VerdictItem(waybill="EE123456785CN", verdict="hold", verdict_id="h1", issued_at=T0,
+                           hold_reason="documents")
+        grouped = VerdictItem(waybill="CP123456785DE", verdict="release", verdict_id="r1", issued_at=T0,
+                              group="CX880")
+        assert await store.store([held, grouped]) == 2
+        now = (T0 + timedelta(hours=1)).timestamp()
+        assert store.lookup("EE123456785CN", now).hold_reason == "documents"
+        assert store.lookup("CP123456785DE", now).group == "CX880"
+    finally:
+        store.close()
+
+
 async def test_expired_verdict_is_reported_as_expired(tmp_path: Path) -> None:
     store = VerdictStore(tmp_path / "v.sqlite", default_ttl_s=3600)
     try:
