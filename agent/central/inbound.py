@@ -14,7 +14,8 @@ either, they are dropped and counted (``inbound_flood``). Answers to our own loo
 so a flood of batches cannot starve a parcel's deadline.
 
 Commands (``set_mode``, ``status``) are routed to ``commands.Commands``: loosening the mode needs
-central's signature, and replies go only to allowed topics.
+central's signature, and replies go only to allowed topics. Sort plans go to
+``plans.PlanUpdates`` (signed, whole, or refused).
 
 Look-ups use MQTT 5 request/response: a request on ``{root}/verdicts/request`` with response topic
 ``{root}/verdicts/answer`` and a fresh correlation id; the answer must come back before the

@@ -8,6 +8,7 @@ Topics live under one root per line, ``{prefix}/{site}/{line}``:
   status     out  QoS 1   retained; birth on connect, last will "offline"
   verdicts   in   QoS 1   verdict batches pushed by the central system
   cmd        in   QoS 1   commands: set_mode, status (replies under cmd/reply)
+  plan       in   QoS 1   a signed sort plan (agent.central.plans; answered on plan/result)
 
 Every message carries ``schema`` (name/version). Inbound messages are parsed strictly here and
 never raise: JSON types exactly as the schemas say (no string or number read as a boolean, no
