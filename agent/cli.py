@@ -7,10 +7,13 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import agent
 from agent.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from hw_sim.plan import Plan
 
 
 def _cmd_migrate_config(args: argparse.Namespace) -> int:
@@ -99,19 +102,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_sim(args: argparse.Namespace) -> int:
     from hw_sim.harness import LineRun, RunSpec
-    from hw_sim.plan import Mix, make_plan
     from hw_sim.view import LiveView
 
-    mix = Mix(hidden_item=0.06) if args.images else Mix()
     try:
         readers, sorting = _reader_spec(args), _sort_spec(args)
     except ValueError as exc:
         print(f"sortgate sim: {exc}", file=sys.stderr)
         return 2
-    plan = make_plan(args.parcels, args.rate, args.seed, args.speed, args.readers, mix=mix,
-                     sort=sorting.pop("mix", None))
-    if sorting:
-        sorting["plan_update_at"] = plan.duration_s * 0.4
+    plan = _parcels(args, sorting)
     spec = RunSpec(parcels=args.parcels, rate=args.rate, seed=args.seed, speed_mps=args.speed,
                    readers=args.readers, transport=args.transport, plan=plan, images=args.images,
                    console=not args.no_console, **readers, **sorting)
@@ -137,9 +135,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 def _cmd_bench_line(args: argparse.Namespace) -> int:
     from hw_sim import chaos
     from hw_sim.harness import RunSpec, run_line
-    from hw_sim.plan import Mix, make_plan
 
-    mix = Mix(hidden_item=0.06) if args.images else Mix()
     try:
         names = [f.name for f in chaos.parse(args.chaos)] if args.chaos else []
         readers = _reader_spec(args)
@@ -147,10 +143,7 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"sortgate bench line: {exc}", file=sys.stderr)
         return 2
-    plan = make_plan(args.parcels, args.rate, args.seed, args.speed, args.readers, mix=mix,
-                     sort=sorting.pop("mix", None))
-    if sorting:
-        sorting["plan_update_at"] = plan.duration_s * 0.4  # central replaces the plan 40 % into the run
+    plan = _parcels(args, sorting)
     spec = RunSpec(parcels=args.parcels, rate=args.rate, seed=args.seed, speed_mps=args.speed,
                    readers=args.readers, transport=args.transport, plan=plan, chaos=names,
                    images=args.images, require_signatures="verdict-flood" in names, idle_s=args.idle_s,
@@ -167,6 +160,19 @@ def _cmd_bench_line(args: argparse.Namespace) -> int:
         for k, v in metrics.items():
             print(f"{k:>20}: {v}")
     return 0
+
+
+def _parcels(args: argparse.Namespace, sorting: dict[str, Any]) -> Plan:
+    """The planned parcels of ``sim`` and ``bench line``; with a sort plan, their hold reasons and
+    groups too, and central replaces the plan 40 % into the run (``sorting`` is completed)."""
+    from hw_sim.plan import Mix, make_plan
+
+    mix = Mix(hidden_item=0.06) if args.images else Mix()
+    plan = make_plan(args.parcels, args.rate, args.seed, args.speed, args.readers, mix=mix,
+                     sort=sorting.pop("mix", None))
+    if sorting:
+        sorting["plan_update_at"] = plan.duration_s * 0.4
+    return plan
 
 
 def _sort_spec(args: argparse.Namespace) -> dict[str, Any]:

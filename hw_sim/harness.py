@@ -281,6 +281,8 @@ class LineRun:
             )
         )
         self._returns: list[asyncio.Future[None]] = []  # passes back from the loop, still on the belt
+        self._merged: list[tuple[float, float]] = []  # (start, end) at the scan point of passes back from the loop
+        self._t0 = 0.0
         self.plans_used = [spec.sort_plan] if spec.sort_plan else []
         counter = SIM_COUNTER if spec.reader_counter else None
         self.readers = [
@@ -597,6 +599,7 @@ class LineRun:
 
     async def _feed(self, t0: float) -> None:
         loop = asyncio.get_running_loop()
+        self._t0 = t0
         pending: list[asyncio.Future[None]] = []
         for truth in list(self.truth):
             p = truth.planned
@@ -712,7 +715,24 @@ class LineRun:
             self.truth.append(back)
             again: asyncio.Future[None] = loop.create_future()
             self._returns.append(again)
-            loop.call_later(sortline.LOOP_S, self._trigger, back, again)
+            loop.call_at(self._merge_slot(loop.time() + sortline.LOOP_S, truth.planned.length_m), self._trigger,
+                         back, again)
+
+    def _merge_slot(self, earliest: float, length_m: float) -> float:
+        """When a parcel back from the loop passes the scan point: the first gap in the flow, from
+        ``earliest``, that keeps the plan's minimum gap to every other parcel (as a merge does)."""
+        speed, gap = self.spec.speed_mps, 0.10 / self.spec.speed_mps
+        busy = sorted([(self._t0 + p.offset_s, self._t0 + p.offset_s + p.length_m / speed) for p in self.plan.parcels]
+                      + self._merged)
+        t, need = earliest, length_m / speed
+        for start, end in busy:
+            if end + gap <= t:
+                continue
+            if t + need + gap <= start:
+                break
+            t = max(t, end + gap)
+        self._merged.append((t, t + need))
+        return t
 
     async def _settle(self, timeout_s: float = 20.0) -> None:
         """Wait for the last records to reach central."""

@@ -16,19 +16,11 @@ from agent.central.plans import PLAN_FILE, PlanUpdates
 from agent.central.security import Check, KeyRing, generate_keypair, sign_item
 from agent.config import Config, load_config, parse_config
 from agent.pipeline.state import LineState
+from tests.unit.test_inbound import FakeMqtt
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "sortgate.sortplan.example.toml"
 PLAN = tomllib.loads((ROOT / "config" / "plans" / "example.toml").read_text())
-
-
-class FakeMqtt:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, **kw: Any) -> int | None:
-        self.sent.append((topic, json.loads(payload)))
-        return len(self.sent)
 
 
 def line(tmp_path: Path) -> tuple[Config, str]:
