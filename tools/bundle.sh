@@ -32,7 +32,9 @@ fi
 out=dist/sortgate-$version
 rm -rf "$out" && mkdir -p "$out"
 cp "$wheel" tools/constraints.txt tools/install.py config/sortgate.example.toml \
-   systemd/sortgate.service systemd/sortgate-console.service systemd/99-sortgate.rules "$out/"
+   config/sortgate.sortplan.example.toml systemd/sortgate.service systemd/sortgate-console.service \
+   systemd/99-sortgate.rules "$out/"
+cp config/plans/example.toml "$out/sortplan.example-plan.toml"
 if [[ "${1:-}" == "--wheelhouse" ]]; then
     arch=${2:?--wheelhouse needs an architecture: aarch64 or x86_64}
     # Raspberry Pi OS and Debian bookworm have glibc 2.36: any manylinux wheel up to 2_36 runs there
