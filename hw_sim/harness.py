@@ -406,6 +406,9 @@ class LineRun:
             self.start_agent()
             await self._wait_ready()
             await self._start_console()
+            if self._render is not None:  # the first render imports OpenCV (about 0.1 s, far more on a
+                # busy machine): done before the belt starts, so the first parcel's image is not late
+                await asyncio.wrap_future(self._render.submit(_scan_png, 0, "clean"))
             await self._measure_idle()
             t0 = loop.time() + 0.5
             pusher = asyncio.create_task(self._push_verdicts(t0), name="central-push")

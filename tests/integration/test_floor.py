@@ -283,8 +283,11 @@ def test_sim_ctrl_c_prints_a_partial_summary_and_leaves_no_temporary_folders(tmp
     before = ours()
     out, err = tmp_path / "out", tmp_path / "err"
     with open(out, "w") as o, open(err, "w") as e:
+        # SIGINT as a terminal leaves it (a test run started in the background with `&` has it
+        # ignored, and an ignored signal is inherited: Python would then never see Ctrl-C)
         proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "sim", "--parcels", "300", "--rate", "10",
-                                 "--plain"], stdout=o, stderr=e, start_new_session=True)
+                                 "--plain"], stdout=o, stderr=e, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(8)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
         code = proc.wait(30)
