@@ -18,7 +18,8 @@ Figures (``LineRun.metrics``):
                their records (a parcel with several reasons counts under each)
 With a sort plan (``RunSpec.sort_plan``, the line of ``hw_sim.sortline``), also:
   wrong_lane   passes that reached a lane ground truth does not allow them under any plan of the
-               run (another class, another group, a hold lane for another reason)
+               run (another class, another group, a hold lane for another reason; the loop is
+               allowed for a pass the agent could not read, whatever the cause)
   overflowed   records placed in an overflow lane (the rule's first lane was full or disabled)
   recirculated passes sent round the loop (each comes back as a new trigger, a new record)
   lane_full_events  times a lane became full
@@ -854,9 +855,11 @@ class LineRun:
 
     def _sort_figures(self, truths: list[Truth], records: dict[tuple[int, int], dict[str, Any]]) -> dict[str, Any]:
         """Figures of a line with a sort plan (the module docstring says what each means)."""
-        wrong = [t for t in truths if t.lane_reached and t.lane_reached not in
-                 sortline.allowed(t.planned, t.pass_no, self.plans_used).allowed]
         placed = [(records.get(t.key) or {}).get("decision") or {} for t in truths]
+        unread = {"no_read", "reader_timeout", "recirculated", "recirculation_limit"}
+        wrong = [t for t, d in zip(truths, placed, strict=True) if t.lane_reached and t.lane_reached not in
+                 sortline.allowed(t.planned, t.pass_no, self.plans_used,
+                                  read_nothing=bool(d.get("reasons")) and set(d["reasons"]) <= unread).allowed]
         return {
             "wrong_lane": len(wrong),
             "wrong_lane_examples": [

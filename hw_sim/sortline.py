@@ -10,7 +10,8 @@ Ground truth, per pass of a parcel (``allowed``): the lanes it may reach under a
 uses. The inspection lane is always allowed (it is the floor); a release or consolidation lane
 only for a readable label with a release verdict, and then only the lanes of the rule for its
 group; a hold lane only for a readable label with a hold verdict, and only one taking its reason;
-the loop only for a label no reader can read on this pass.
+the loop only for a pass the agent could not read (a label no reader can read on this pass, or a
+frame lost or late).
 """
 
 from __future__ import annotations
@@ -122,7 +123,10 @@ def readable(p: PlannedParcel, pass_no: int) -> bool:
     return p.label == "noread" and p.readable_on_pass is not None and pass_no >= p.readable_on_pass
 
 
-def allowed(p: PlannedParcel, pass_no: int, plans: Sequence[dict[str, Any]]) -> Truth:
+def allowed(p: PlannedParcel, pass_no: int, plans: Sequence[dict[str, Any]], read_nothing: bool = False) -> Truth:
+    """``read_nothing``: the agent got no code for this pass (its record's only reasons are no_read or
+    reader_timeout: a lost or late frame as well as an unreadable label). The loop is allowed for
+    such a pass too: it is not an exit, the parcel comes back and is decided again."""
     lanes = {1}
     ok = readable(p, pass_no)
     for plan in plans:
@@ -136,6 +140,6 @@ def allowed(p: PlannedParcel, pass_no: int, plans: Sequence[dict[str, Any]]) -> 
                 lanes |= set(rule["lanes"])
                 break
     unread = p.label == "noread" and not ok
-    if unread and any(plan.get("recirculate_unread") for plan in plans):
+    if (unread or read_nothing) and any(plan.get("recirculate_unread") for plan in plans):
         lanes.add(LOOP_LANE)
     return Truth(frozenset(lanes), ok and p.verdict == "release", unread)
