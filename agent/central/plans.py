@@ -111,7 +111,11 @@ class PlanUpdates:
             return
         assert data is not None
         msg = PlanMessage.model_validate_json(json.dumps(data))
-        await asyncio.to_thread(write_json_atomic, self.path, data)  # on disk first: a restart keeps what was applied
+        try:  # on disk first: a plan that would not survive a restart is not taken
+            await asyncio.to_thread(write_json_atomic, self.path, data)
+        except OSError as exc:
+            self._refuse(msg.plan.version, [f"cannot keep it in {self.path}: {exc}"])
+            return
         old = self.state.plan.version
         self.state.plan = ActivePlan.build(msg.plan, self.cfg.lanes)  # one assignment: between two parcels
         self.source, self._raw = "central", data

@@ -147,3 +147,11 @@ async def test_messages_match_their_published_schemas(tmp_path: Path) -> None:
     assert [r["accepted"] for _, r in mqtt.sent] == [True, False]
     for _, reply in mqtt.sent:
         jsonschema.validate(reply, result_schema)
+
+
+async def test_a_plan_that_cannot_be_kept_on_disk_is_not_taken(tmp_path: Path) -> None:
+    cfg, private = line(tmp_path)
+    up, state, mqtt, _ = updates(cfg, tmp_path)
+    up.path = tmp_path / "no-such-folder" / PLAN_FILE
+    await up.offer(message(private, version=2))
+    assert state.plan.version == 1 and "cannot keep it" in mqtt.sent[-1][1]["problems"][0]
