@@ -154,11 +154,16 @@ class Visitors(threading.Thread):
         self.shot(page, "parcel")
         page.goto(self.base + f"/parcels?q={rec['waybill']}")
         self.shot(page, "parcels")
-        # a flagged parcel's image and scores
+        # a flagged parcel's image and scores: one with a waybill, for the bench below (the image
+        # check may also flag a parcel whose label was not read, which no waybill finds)
+        flagged = _wait(lambda: next((r for r in reversed(list(central.records.values()))
+                                      if (r.get("image") or {}).get("status") == "flagged" and r.get("waybill")),
+                                     None), 60, "a flagged parcel with a waybill")
+        flagged_href = f"/parcels/{flagged['record_id']}"
         page.goto(self.base + "/review")
-        _wait(lambda: page.reload() or page.locator("#flagged a.tile").count() > 0, 60, "a flagged image")
+        _wait(lambda: page.reload() or page.locator(f"#flagged a.tile[href='{flagged_href}']").count() > 0, 30,
+              "its image in the review")
         self.shot(page, "review")
-        flagged_href = page.get_attribute("#flagged a.tile", "href")
         page.goto(self.base + flagged_href)
         page.wait_for_selector("#xray")
         _wait(lambda: page.locator("#xray").evaluate("img => img.complete && img.naturalWidth") > 0, 10, "the image")
