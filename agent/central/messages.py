@@ -149,18 +149,6 @@ def parse_verdict_items(
     return items, problems
 
 
-def parse_verdict_batch(
-    payload: bytes,
-) -> tuple[str | None, list[tuple[VerdictItem, dict[str, Any]]], list[str]]:
-    """Parse a whole verdict batch at once. Returns (batch_id, [(item, raw item)], problems).
-    Never raises."""
-    batch_id, raws, problem = parse_verdict_envelope(payload)
-    if problem is not None:
-        return None, [], [problem]
-    items, problems = parse_verdict_items(raws)
-    return batch_id, items, problems
-
-
 class Command(_Inbound):
     schema_: Literal["sortgate.command/1"] = Field(alias="schema")
     command: str = Field(min_length=1, max_length=32)

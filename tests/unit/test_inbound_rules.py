@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.central.commands import reply_topic_problem
-from agent.central.messages import Command, VerdictAnswer, parse_model, parse_verdict_batch
+from agent.central.messages import Command, VerdictAnswer, parse_model, parse_verdict_envelope, parse_verdict_items
 from agent.central.mode_store import ModeStore
 from agent.central.verdicts import VerdictStore
 from agent.pipeline.decision import Mode
@@ -46,8 +46,9 @@ def item(**over: object) -> dict[str, object]:
 ])
 def test_verdict_items_are_read_strictly(bad: dict[str, object]) -> None:
     batch = {"schema": "sortgate.verdicts/1", "batch_id": "b", "verdicts": [item(**bad)]}
-    _, items, problems = parse_verdict_batch(json.dumps(batch).encode())
-    assert items == [] and len(problems) == 1
+    _, raws, problem = parse_verdict_envelope(json.dumps(batch).encode())
+    items, problems = parse_verdict_items(raws)
+    assert problem is None and items == [] and len(problems) == 1
 
 
 def test_commands_are_read_strictly() -> None:

@@ -119,8 +119,9 @@ def test_alarm_conditions_publish_once_per_change_and_events_are_rate_limited() 
 
 def test_inbound_parsing_never_raises() -> None:
     for payload in (b"", b"\xff", b"[]", b"null", b"{" * 100_000, b"x" * (2 << 20)):
-        batch_id, items, problems = messages.parse_verdict_batch(payload)
-        assert items == [] and problems
+        batch_id, raws, problem = messages.parse_verdict_envelope(payload)
+        assert raws == [] and problem
     ok = json.dumps({"schema": "sortgate.verdicts/1", "batch_id": "b", "verdicts": [ITEM, {"waybill": 1}]}).encode()
-    batch_id, items, problems = messages.parse_verdict_batch(ok)
-    assert batch_id == "b" and len(items) == 1 and problems[0].startswith("verdicts[1]:")
+    batch_id, raws, problem = messages.parse_verdict_envelope(ok)
+    items, problems = messages.parse_verdict_items(raws)
+    assert problem is None and batch_id == "b" and len(items) == 1 and problems[0].startswith("verdicts[1]:")
