@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import collections
 import functools
 import logging
@@ -51,6 +52,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
 from agent.central.security import generate_keypair, sign_item
+from agent.pipeline.sortplan import UNREAD, PlaceReason
 from agent.service.stats import percentile
 from firmware_bridge import contract as c
 from hw_sim import chaos as faults
@@ -65,7 +67,9 @@ from hw_sim.readers import SIM_COUNTER, NullModem, SimReader
 
 RELEASE_LANE, INSPECTION_LANE = 2, 1
 TWO_LANES = {RELEASE_LANE: "release", INSPECTION_LANE: "inspection"}
-CLEARED = ("release", "consolidation")  # lane classes that take a parcel out of customs
+CLEARED = sortline.CLEARED
+#: a record with only these reasons: the agent read nothing for that pass
+READ_NOTHING = UNREAD | {PlaceReason.RECIRCULATED, PlaceReason.RECIRCULATION_LIMIT}
 
 
 @dataclass
@@ -282,8 +286,9 @@ class LineRun:
             )
         )
         self._returns: list[asyncio.Future[None]] = []  # passes back from the loop, still on the belt
-        self._merged: list[tuple[float, float]] = []  # (start, end) at the scan point of passes back from the loop
-        self._t0 = 0.0
+        # (start, end) at the scan point of every parcel: the planned ones (from the run's start), and
+        # those back from the loop as they are merged in; sorted
+        self._busy: list[tuple[float, float]] = []
         self.plans_used = [spec.sort_plan] if spec.sort_plan else []
         counter = SIM_COUNTER if spec.reader_counter else None
         self.readers = [
@@ -603,7 +608,8 @@ class LineRun:
 
     async def _feed(self, t0: float) -> None:
         loop = asyncio.get_running_loop()
-        self._t0 = t0
+        speed = self.spec.speed_mps
+        self._busy = [(t0 + p.offset_s, t0 + p.offset_s + p.length_m / speed) for p in self.plan.parcels]
         pending: list[asyncio.Future[None]] = []
         for truth in list(self.truth):
             p = truth.planned
@@ -726,16 +732,14 @@ class LineRun:
         """When a parcel back from the loop passes the scan point: the first gap in the flow, from
         ``earliest``, that keeps the plan's minimum gap to every other parcel (as a merge does)."""
         speed, gap = self.spec.speed_mps, 0.10 / self.spec.speed_mps
-        busy = sorted([(self._t0 + p.offset_s, self._t0 + p.offset_s + p.length_m / speed) for p in self.plan.parcels]
-                      + self._merged)
         t, need = earliest, length_m / speed
-        for start, end in busy:
+        for start, end in self._busy:
             if end + gap <= t:
                 continue
             if t + need + gap <= start:
                 break
             t = max(t, end + gap)
-        self._merged.append((t, t + need))
+        bisect.insort(self._busy, (t, t + need))
         return t
 
     async def _settle(self, timeout_s: float = 20.0) -> None:
@@ -856,10 +860,9 @@ class LineRun:
     def _sort_figures(self, truths: list[Truth], records: dict[tuple[int, int], dict[str, Any]]) -> dict[str, Any]:
         """Figures of a line with a sort plan (the module docstring says what each means)."""
         placed = [(records.get(t.key) or {}).get("decision") or {} for t in truths]
-        unread = {"no_read", "reader_timeout", "recirculated", "recirculation_limit"}
         wrong = [t for t, d in zip(truths, placed, strict=True) if t.lane_reached and t.lane_reached not in
                  sortline.allowed(t.planned, t.pass_no, self.plans_used,
-                                  read_nothing=bool(d.get("reasons")) and set(d["reasons"]) <= unread).allowed]
+                                  read_nothing=bool(d.get("reasons")) and set(d["reasons"]) <= READ_NOTHING)]
         return {
             "wrong_lane": len(wrong),
             "wrong_lane_examples": [

@@ -108,13 +108,8 @@ def derive_update(plan: dict[str, Any]) -> dict[str, Any]:
             "disabled_lanes": disabled}
 
 
-@dataclass(frozen=True)
-class Truth:
-    """What a pass of a parcel may do under the run's plans."""
-
-    allowed: frozenset[int]
-    cleared: bool  # ground truth lets it out of customs (release or consolidation)
-    unread: bool  # no reader can read it on this pass
+#: lane classes that take a parcel out of customs
+CLEARED = ("release", "consolidation")
 
 
 def readable(p: PlannedParcel, pass_no: int) -> bool:
@@ -123,23 +118,30 @@ def readable(p: PlannedParcel, pass_no: int) -> bool:
     return p.label == "noread" and p.readable_on_pass is not None and pass_no >= p.readable_on_pass
 
 
-def allowed(p: PlannedParcel, pass_no: int, plans: Sequence[dict[str, Any]], read_nothing: bool = False) -> Truth:
-    """``read_nothing``: the agent got no code for this pass (its record's only reasons are no_read or
-    reader_timeout: a lost or late frame as well as an unreadable label). The loop is allowed for
-    such a pass too: it is not an exit, the parcel comes back and is decided again."""
+def rule_for(p: PlannedParcel, plan: dict[str, Any]) -> dict[str, Any] | None:
+    """The rule of ``plan`` that places this parcel's verdict (first match wins), if any."""
+    rules: list[dict[str, Any]] = plan["rules"]
+    for rule in rules:
+        if rule["verdict"] != p.verdict:
+            continue
+        if p.verdict == "release" and (rule.get("groups") is None or p.group in rule["groups"]):
+            return rule
+        if p.verdict == "hold" and (rule.get("hold_reasons") is None or p.hold_reason in rule["hold_reasons"]):
+            return rule
+    return None
+
+
+def allowed(p: PlannedParcel, pass_no: int, plans: Sequence[dict[str, Any]], read_nothing: bool = False) -> set[int]:
+    """The lanes this pass may reach under any of ``plans``. ``read_nothing``: the agent got no code
+    for this pass (its record's only reasons are no_read or reader_timeout: a lost or late frame as
+    well as an unreadable label). The loop is allowed for such a pass too: it is not an exit, the
+    parcel comes back and is decided again."""
     lanes = {1}
     ok = readable(p, pass_no)
-    for plan in plans:
-        for rule in plan["rules"]:
-            if not ok or rule["verdict"] != p.verdict:
-                continue
-            if p.verdict == "release" and (rule.get("groups") is None or p.group in rule["groups"]):
-                lanes |= set(rule["lanes"])
-                break  # first match wins
-            if p.verdict == "hold" and (rule.get("hold_reasons") is None or p.hold_reason in rule["hold_reasons"]):
-                lanes |= set(rule["lanes"])
-                break
-    unread = p.label == "noread" and not ok
-    if (unread or read_nothing) and any(plan.get("recirculate_unread") for plan in plans):
+    if ok:
+        for plan in plans:
+            rule = rule_for(p, plan)
+            lanes |= set(rule["lanes"]) if rule else set()
+    if ((p.label == "noread" and not ok) or read_nothing) and any(plan.get("recirculate_unread") for plan in plans):
         lanes.add(LOOP_LANE)
-    return Truth(frozenset(lanes), ok and p.verdict == "release", unread)
+    return lanes

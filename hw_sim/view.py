@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import IO, Any
 
 from hw_sim.harness import LineRun
+from hw_sim.sortline import CLEARED
 
 _CLEAR = "\x1b[H\x1b[2J"
 
@@ -36,8 +37,8 @@ class LiveView:
                 self._printed += 1
             self.out.flush()
             return
-        released = sum(t.reached == "release" for t in done)
-        wrong = sum(t.reached == "release" and t.planned.expected_lane == "inspection" for t in done)
+        released = sum(t.reached in CLEARED for t in done)
+        wrong = sum(t.reached in CLEARED and not t.cleared for t in done)  # as the harness counts it
         lines = [
             f"sortgate sim — {run.spec.site}/{run.spec.line}  belt {run.spec.speed_mps} m/s  "
             f"{run.spec.rate}/s  controller {run.spec.transport}"

@@ -25,17 +25,6 @@ MIX = Mix(inspect=0.1, hold=0.15, no_verdict=0.02, noread=0.1, multi=0.0, bad_ch
 SORT = sortline.SortMix(sortline.HOLD_REASONS, sortline.GROUPS, grouped=0.7, readable_again=0.5)
 
 
-def rule_for(p: Any, plan: dict[str, Any]) -> dict[str, Any] | None:
-    for r in plan["rules"]:
-        if r["verdict"] != p.verdict:
-            continue
-        if p.verdict == "release" and (r.get("groups") is None or p.group in r["groups"]):
-            return r
-        if p.verdict == "hold" and (r.get("hold_reasons") is None or p.hold_reason in r["hold_reasons"]):
-            return r
-    return None
-
-
 def publish(run: LineRun, body: dict[str, Any], private: str | None = None) -> None:
     """Central (or whoever holds ``private``) publishes a plan message for this line."""
     assert run.central is not None
@@ -86,7 +75,7 @@ async def test_holds_groups_the_loop_and_plans_from_central(broker: Mosquitto, l
             d = rec["decision"]
             plan_then = update if d["plan"]["version"] == 2 else PLAN
             if p.label == "ok" and p.verdict == "hold":
-                rule = rule_for(p, plan_then)
+                rule = sortline.rule_for(p, plan_then)
                 if rule is None:  # "tax": no rule takes it, so inspection, as on a two-lane line
                     assert t.lane_reached == 1 and d["reasons"] == ["verdict_hold"], (p, d)
                 else:
@@ -94,7 +83,7 @@ async def test_holds_groups_the_loop_and_plans_from_central(broker: Mosquitto, l
                     assert d["plan"]["rule"] == rule["name"] and rec["verdict"]["hold_reason"] == p.hold_reason
                     held += 1
             if p.label == "ok" and p.verdict == "release" and p.group in ("KE612", "LH733", "SQ001"):
-                rule = rule_for(p, plan_then)
+                rule = sortline.rule_for(p, plan_then)
                 assert rule is not None and t.lane_reached == rule["lanes"][0], (p, d)
                 assert d["lane_class"] == "consolidation" and rec["verdict"]["group"] == p.group
                 grouped += 1
@@ -110,7 +99,7 @@ async def test_holds_groups_the_loop_and_plans_from_central(broker: Mosquitto, l
                     assert t.lane_reached == 1 and d["reasons"][-1] == "recirculation_limit", (p, d)
                     limited += 1
                 else:
-                    assert t.lane_reached in sortline.allowed(p, 1, run.plans_used).allowed
+                    assert t.lane_reached in sortline.allowed(p, 1, run.plans_used)
         assert held >= 8 and grouped >= 20 and looped >= 8 and limited >= 2, (held, grouped, looped, limited)
         assert m["recirculated"] == looped
     finally:
