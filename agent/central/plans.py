@@ -100,21 +100,18 @@ class PlanUpdates:
 
     async def offer(self, payload: bytes) -> None:
         data, problem = messages.parse_json(payload)
-        version = data.get("plan", {}).get("version") if isinstance(data, dict) and isinstance(
-            data.get("plan"), dict) else None
-        problems = [problem] if problem else await self._problems(data or {})
+        msg, problems = (None, [problem or "unreadable"]) if data is None else await self._check(data)
+        version = msg.plan.version if msg else _version(data)
         if problems == ["duplicate"]:
             log.info("plan redelivered; already in force", version=version)
             return
-        if problems:
-            self._refuse(version if isinstance(version, int) else None, problems)
+        if problems or msg is None or data is None:
+            self._refuse(version, problems)
             return
-        assert data is not None
-        msg = PlanMessage.model_validate_json(json.dumps(data))
         try:  # on disk first: a plan that would not survive a restart is not taken
             await asyncio.to_thread(write_json_atomic, self.path, data)
         except OSError as exc:
-            self._refuse(msg.plan.version, [f"cannot keep it in {self.path}: {exc}"])
+            self._refuse(version, [f"cannot keep it in {self.path}: {exc}"])
             return
         old = self.state.plan.version
         self.state.plan = ActivePlan.build(msg.plan, self.cfg.lanes)  # one assignment: between two parcels
@@ -122,26 +119,28 @@ class PlanUpdates:
         log.warning("sort plan replaced", old=old, new=msg.plan.version, name=msg.plan.name)
         self._reply(msg.plan.version, True, [])
 
-    async def _problems(self, data: dict[str, Any]) -> list[str]:
-        """Every reason not to apply ``data`` (["duplicate"]: it is the plan in force)."""
+    async def _check(self, data: dict[str, Any]) -> tuple[PlanMessage | None, list[str]]:
+        """The message parsed, and every reason not to apply it (["duplicate"]: it is the plan in
+        force)."""
         try:
             msg = PlanMessage.model_validate_json(json.dumps(data))
         except ValidationError as exc:
-            return [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()[:10]]
+            return None, [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()[:10]]
         if (msg.site, msg.line) != (self.cfg.line.site, self.cfg.line.line):
-            return [f"plan is for {msg.site}/{msg.line}, this is {self.cfg.line.site}/{self.cfg.line.line}"]
+            return msg, [f"plan is for {msg.site}/{msg.line}, this is {self.cfg.line.site}/{self.cfg.line.line}"]
         if self.keyring is None:
-            return ["this line has no trusted keys (verdicts.trusted_keys_file): it takes plans from its config only"]
+            return msg, ["this line has no trusted keys (verdicts.trusted_keys_file): it takes plans from its "
+                         "config only"]
         signed = await self.verify(data)
         if not signed.ok:
-            return [f"signature: {signed.reason}"]
+            return msg, [f"signature: {signed.reason}"]
         if msg.plan.version == self.state.plan.version and self._raw is not None:
             same = {k: v for k, v in self._raw.items() if k != "signature"} == {
                 k: v for k, v in data.items() if k != "signature"}
-            return ["duplicate"] if same else [f"version {msg.plan.version} is in force with other content"]
+            return msg, ["duplicate"] if same else [f"version {msg.plan.version} is in force with other content"]
         if msg.plan.version <= self.state.plan.version:
-            return [f"version {msg.plan.version} is not newer than the plan in force ({self.state.plan.version})"]
-        return check(msg.plan, self.cfg.lanes)
+            return msg, [f"version {msg.plan.version} is not newer than the plan in force ({self.state.plan.version})"]
+        return msg, check(msg.plan, self.cfg.lanes)
 
     def _refuse(self, version: int | None, problems: list[str]) -> None:
         log.warning("sort plan refused; the plan in force stays", version=version, problems=problems,
@@ -155,3 +154,10 @@ class PlanUpdates:
             "in_force": self.info(), "at": messages.iso(),
         }
         self.mqtt.publish(messages.topic(self.cfg.topic_root, "plan/result"), messages.dumps(body), qos=1)
+
+
+def _version(data: dict[str, Any] | None) -> int | None:
+    """The plan version a message that did not parse claims, for the answer (None if it has none)."""
+    plan = data.get("plan") if isinstance(data, dict) else None
+    version = plan.get("version") if isinstance(plan, dict) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None

@@ -77,6 +77,7 @@ class ControllerSupervisor:
         self._boot: int | None = None
         self._heads: tuple[int, int] | None = None  # (trigger head, result head reached)
         self._hb = (-1, 0.0)  # CTRL_HEARTBEAT and when it last changed
+        self._per_lane = False  # the connected controller takes a full lane as that lane's alone (1.3)
         # for sortgate status: the last status read and when; why and since when the link is down
         self.status: c.Status | None = None
         self.polled_at = 0.0
@@ -110,11 +111,6 @@ class ControllerSupervisor:
         if problems:
             raise ContractMismatch(f"{self.link.settings.describe()}: " + "; ".join(problems))
 
-    def _per_lane_full(self) -> bool:
-        """A full lane defaults only its own parcels (contract 1.3 and later)."""
-        ident = self.pipeline.state.identity
-        return ident is not None and ident.contract_minor >= c.PER_LANE_FULL_MINOR
-
     async def run(self) -> None:
         backoff = Backoff(0.2, max(0.2, self.cfg.controller.reconnect_max_s))
         failing = False
@@ -123,6 +119,8 @@ class ControllerSupervisor:
                 ident = await self.link.connect()
                 self.check_identity(ident)
                 self.pipeline.state.identity = ident
+                # a full lane defaults only its own parcels (contract 1.3 and later): known per connection
+                self._per_lane = ident.contract_minor >= c.PER_LANE_FULL_MINOR
                 log.info(
                     "controller connected", link=self.link.settings.describe(),
                     contract=f"{ident.contract_major}.{ident.contract_minor}",
@@ -276,9 +274,8 @@ class ControllerSupervisor:
             self.status = status
             cps = self.speed.update(now, status.encoder)
             self._check_restart(status)
-            per_lane = self._per_lane_full()
-            self.pipeline.set_lane_full(status.lane_full_bits, per_lane)
-            problems = status.problems(self.cfg.default_lane if per_lane else None)
+            self.pipeline.set_lane_full(status.lane_full_bits, self._per_lane)
+            problems = status.problems(self.cfg.default_lane if self._per_lane else None)
             self.pipeline.set_problems(problems + self._frozen(status.ctrl_heartbeat, now))
             if status.trigger_head != trigger_head:
                 await self._read_triggers(trigger_head, status, cps, now, prev_sent)
