@@ -21,6 +21,7 @@ Areas::
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -108,6 +109,7 @@ MAX_READ = 120
 #: The status poll reads status, agent area and mailbox in one request.
 POLL_BASE = STATUS_BASE
 POLL_LEN = MAILBOX_BASE + MAILBOX_LEN - STATUS_BASE
+_POLL_STRUCT = struct.Struct(f">{POLL_LEN}H")
 
 
 class StatusBit(enum.IntFlag):
@@ -281,6 +283,11 @@ class Status:
     agent_heartbeat: int  # echo of the agent area, so a restarted agent continues the count
     boot: int = 0  # CTRL_BOOT (contract 1.1); 0 from a 1.0 controller
     newest_trigger: TriggerEntry | None = None  # NEWEST_TRIGGER (1.2) with its PREV_SEQ (1.3); None where SEQ reads 0
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Status:
+        """From the status block as it comes off the wire (big-endian registers)."""
+        return cls.decode(_POLL_STRUCT.unpack(raw))
 
     @classmethod
     def decode(cls, regs: Sequence[int]) -> Status:

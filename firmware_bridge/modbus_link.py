@@ -1,8 +1,13 @@
-"""The agent's Modbus transport to the line controller (pymodbus, TCP or RTU).
+"""The agent's Modbus transport to the line controller (TCP or RTU, pymodbus frames).
 
-One ``ControllerLink`` owns one connection. Every request goes through one asyncio lock (a Modbus
-link carries one transaction at a time; RTU also needs the inter-frame gap from config), so the
-poll loop, the heartbeat and lane commands never interleave on the wire.
+One ``ControllerLink`` owns one connection, and one I/O thread owns its wire
+(``firmware_bridge.wire``): every request from the event loop is handed to that thread and its
+answer comes back as a future, so the poll, the heartbeat and lane commands never interleave on the
+wire (a Modbus link carries one transaction at a time; RTU also needs its frame gap and the
+configured inter-frame gap). Between requests the thread runs the status poll itself
+(``firmware_bridge.poller``) and wakes the event loop only for a poll it has a use for: an idle
+belt costs a thread wake-up fifty times a second, not an event-loop turn and an asyncio
+transaction (docs/performance.md).
 
 At connect the link reads the identity block and refuses a controller whose contract version it
 does not speak (``ContractMismatch``) — the same rule as Klipper's host reading the MCU's
@@ -21,32 +26,33 @@ something fails.
 from __future__ import annotations
 
 import asyncio
+import queue
+import struct
+import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException
-from pymodbus.framer import FramerType
+from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersRequest,
+    ReadWriteMultipleRegistersRequest,
+    WriteMultipleRegistersRequest,
+)
 
 from firmware_bridge import contract as c
 from firmware_bridge.errors import ContractMismatch, FunctionUnsupported, LinkError
+from firmware_bridge.poller import Poll, Poller
 from firmware_bridge.serial_line import SerialLine
+from firmware_bridge.wire import Repeated, RtuWire, TcpWire, Wire
 
 __all__ = ["ControllerLink", "LinkSettings"]
 
 ILLEGAL_FUNCTION = 0x01  # Modbus exception code: the function is not implemented
 
-
-def _honour_cancel() -> None:
-    """pymodbus awaits with ``asyncio.wait_for``, which on Python 3.11 can lose a cancellation that
-    arrives with the response; the task's cancel request is still counted. Honour it, or a stopping
-    agent would keep polling forever (a TaskGroup waits for every child)."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+_STOP, _WAKE, _SOON = object(), object(), object()  # I/O thread signals
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,64 +75,143 @@ class LinkSettings:
         return f"modbus-rtu://{self.device}@{s.baudrate}{s.parity}{s.stopbits}/unit{self.unit_id}"
 
 
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():  # the caller was cancelled meanwhile
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+class _IoThread(threading.Thread):
+    """Runs the link's requests one at a time, and the status poll between them."""
+
+    def __init__(self, link: ControllerLink, wire: Wire, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(name="controller-io", daemon=True)
+        self.link, self.wire, self.loop = link, wire, loop
+        self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.poller: Poller | None = None
+        self._on_poll: Callable[[Poll | Exception], object] | None = None
+        self.stopping = False
+        self.asked_at = 0.0  # the last poll_at (event loop side)
+        # the idle poll's two requests, framed once for this connection
+        self.status_poll = Repeated(ReadHoldingRegistersRequest(address=c.POLL_BASE, count=c.POLL_LEN), c.POLL_LEN)
+        self.heartbeat_poll = Repeated(ReadWriteMultipleRegistersRequest(
+            read_address=c.POLL_BASE, read_count=c.POLL_LEN, write_address=c.REG_AGENT_HEARTBEAT, write_registers=[0],
+        ), c.POLL_LEN)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        fut = self.loop.create_future()
+        self.jobs.put((fn, args, fut))
+        return fut
+
+    def to_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop has closed: nobody is waiting any more
+            pass
+
+    def start_polling(self, poller: Poller, on_poll: Callable[[Poll | Exception], object]) -> None:
+        self._on_poll = on_poll
+        poller.deliver = lambda poll: self.to_loop(on_poll, poll)
+        self.poller = poller
+        self.jobs.put(_WAKE)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.jobs.put(_STOP)
+        self.wire.abort()
+
+    def run(self) -> None:
+        try:
+            while not self.stopping:
+                poller = self.poller
+                timeout = None if poller is None else max(poller.next_at - time.monotonic(), 0.0)
+                try:
+                    job = self.jobs.get(timeout=timeout)
+                except queue.Empty:
+                    job = None
+                if job is _STOP:
+                    break
+                if job is None or job is _WAKE:
+                    pass
+                elif job[0] is _SOON:
+                    if poller is not None:
+                        poller.want(job[1])
+                else:
+                    fn, args, fut = job
+                    try:
+                        result, error = fn(*args), None
+                    except Exception as exc:  # noqa: BLE001 - the caller gets it, as from a plain call
+                        result, error = None, exc
+                    self.to_loop(_settle, fut, result, error)
+                    continue
+                if poller is not None and time.monotonic() >= poller.next_at:
+                    self._poll(poller)
+        finally:
+            self.wire.close()
+            while True:  # whoever still waits learns that the link is gone
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(job, tuple) and len(job) == 3:
+                    self.to_loop(_settle, job[2], None, LinkError(f"{self.link.settings.describe()}: link closed"))
+
+    def _poll(self, poller: Poller) -> None:
+        sent = time.monotonic()
+        try:
+            if poller.wants_heartbeat(sent, self.link.fc23):
+                raw = self.link.t_heartbeat_poll_raw(poller.next_heartbeat(sent))
+            else:
+                raw = self.link.t_poll_raw()
+            poller.turn(raw, sent, time.monotonic())
+        except Exception as exc:  # noqa: BLE001 - handed to the loop, which ends the session with it
+            # a LinkError: the loop closes the link and connects again; anything else is a fault
+            # of this program, and ends the controller task (and the agent) as it would in the loop
+            self.poller = None
+            if self._on_poll is not None:
+                self.to_loop(self._on_poll, exc)
+
+
 class ControllerLink:
     def __init__(self, settings: LinkSettings, recorder_frames: int = 64) -> None:
         self.settings = settings
-        self._lock = asyncio.Lock()  # one transaction at a time on the link
         self._mailbox = asyncio.Lock()  # one lane command at a time, with its acknowledgement
         self._frames: deque[tuple[float, bool, bytes]] = deque(maxlen=recorder_frames)
-        self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
+        self._io: _IoThread | None = None
         self.identity: c.Identity | None = None
         self.requests = 0
         self.fc23: bool | None = None  # function 23 answered (True), refused (False), not yet tried
 
     # --- flight recorder ----------------------------------------------------------------
-    def _trace(self, sending: bool, data: bytes) -> bytes:
+    def _trace(self, sending: bool, data: bytes) -> None:
         self._frames.append((time.monotonic(), sending, data))  # formatted only when dumped
-        return data
 
     def dump_frames(self) -> list[str]:
         now = time.monotonic()
-        return [f"{t - now:+.3f}s {'tx' if tx else 'rx'} {data.hex(' ')}" for t, tx, data in self._frames]
+        return [f"{t - now:+.3f}s {'tx' if tx else 'rx'} {data.hex(' ')}" for t, tx, data in list(self._frames)]
 
     # --- connection ---------------------------------------------------------------------
-    def _make_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+    def _make_wire(self) -> Wire:
         s = self.settings
         if s.transport == "tcp":
-            return AsyncModbusTcpClient(
-                s.host or "127.0.0.1",
-                port=s.port,
-                timeout=s.timeout_s,
-                retries=0,
-                reconnect_delay=0,
-                trace_packet=self._trace,
-            )
-        return AsyncModbusSerialClient(
-            s.device or "",
-            framer=FramerType.RTU,
-            baudrate=s.serial.baudrate,
-            bytesize=s.serial.bytesize,
-            parity=s.serial.parity,
-            stopbits=s.serial.stopbits,
-            timeout=s.timeout_s,
-            retries=0,
-            reconnect_delay=0,
-            trace_packet=self._trace,
-        )
+            return TcpWire(s.host or "127.0.0.1", s.port, s.unit_id, s.timeout_s, self._trace)
+        return RtuWire(s.device or "", s.serial, s.unit_id, s.timeout_s, self._trace)
 
     async def connect(self) -> c.Identity:
         """Connect and check the identity block. Raises LinkError or ContractMismatch."""
         self.close()
-        client = self._make_client()
-        try:
-            ok = await client.connect()
-        except (OSError, ModbusException) as exc:
-            raise LinkError(f"{self.settings.describe()}: cannot connect: {exc}") from exc
-        if not ok:
-            client.close()
-            raise LinkError(f"{self.settings.describe()}: cannot connect")
-        self._client = client
+        io = _IoThread(self, self._make_wire(), asyncio.get_running_loop())
+        io.start()
+        self._io = io
         self.fc23 = None  # a new connection may be a new controller
+        try:
+            await io.call(self._t_open)
+        except LinkError:
+            self.close()
+            raise
         regs = await self.read(c.ID_BASE, c.ID_LEN)
         identity = c.Identity.decode(regs)
         problems = identity.problems()
@@ -136,97 +221,167 @@ class ControllerLink:
         self.identity = identity
         return identity
 
+    def _t_open(self) -> None:
+        io = self._io_thread()
+        try:
+            io.wire.open()
+        except OSError as exc:
+            raise LinkError(f"{self.settings.describe()}: cannot connect: {exc}") from exc
+
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._io is not None:
+            self._io.stop()
+            self._io = None
 
     @property
     def connected(self) -> bool:
-        return self._client is not None and self._client.connected
+        return self._io is not None and self._io.is_alive() and not self._io.stopping
+
+    # --- the status poll on the I/O thread ----------------------------------------------
+    def start_polling(self, poller: Poller, on_poll: Callable[[Poll | Exception], object]) -> None:
+        """Poll on the I/O thread until the link closes or a poll fails; ``on_poll`` is called
+        on the event loop with each poll the loop has a use for, or once with the error that
+        ended the polling (a LinkError when the link failed)."""
+        self._require().start_polling(poller, on_poll)
+
+    def poll_at(self, at: float) -> None:
+        """An input waits to learn which triggers exist: the first poll sent at or after ``at``
+        (monotonic) is handed over; it is sent then (or as soon as ``min_gap_s`` allows) if the
+        regular poll would come later."""
+        io = self._io
+        if io is not None and at != io.asked_at:  # the same poll is asked for again and again
+            io.asked_at = at
+            io.jobs.put((_SOON, at))
 
     # --- requests -----------------------------------------------------------------------
-    async def _transact(self, what: str, request: Callable[[Any], Awaitable[Any]]) -> Any:
-        """Run one request under the link lock; any failure becomes a LinkError."""
-        async with self._lock:
-            client = self._require()
-            try:
-                rr = await request(client)
-            except (TimeoutError, ModbusException, OSError) as exc:
-                _honour_cancel()
-                raise LinkError(f"{what}: {exc}") from exc
-            finally:
-                await self._gap()
-            _honour_cancel()
-            if rr.isError():
-                if rr.exception_code == ILLEGAL_FUNCTION:
-                    raise FunctionUnsupported(f"{what}: exception response {rr}")
-                raise LinkError(f"{what}: exception response {rr}")
-            self.requests += 1
-            return rr
+    def _require(self) -> _IoThread:
+        if self._io is None or self._io.stopping:
+            raise LinkError(f"{self.settings.describe()}: not connected")
+        return self._io
 
-    async def read(self, address: int, count: int) -> list[int]:
-        unit = self.settings.unit_id
-        rr = await self._transact(
-            f"read {address}+{count}",
-            lambda cl: cl.read_holding_registers(address, count=count, device_id=unit),
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self._require().call(fn, *args)
+
+    @staticmethod
+    def _io_thread() -> _IoThread:
+        io = threading.current_thread()
+        if not isinstance(io, _IoThread):
+            raise RuntimeError("Modbus requests run on the link's I/O thread")
+        return io
+
+    def _t_transact(
+        self, what: str, request: ModbusPDU | Repeated, count: int | None = None, value: int | None = None,
+    ) -> Any:
+        """I/O thread: one request; any failure becomes a LinkError. ``count``: a register read,
+        whose registers come back as big-endian bytes (as for a ``Repeated`` request)."""
+        io = self._io_thread()
+        try:
+            if isinstance(request, Repeated):
+                count = request.count
+                rr = io.wire.transact_repeated(request, value)
+            elif count is None:
+                rr = io.wire.transact(request)
+            else:
+                rr = io.wire.transact_registers(request, count)
+        except LinkError as exc:
+            raise LinkError(f"{what}: {exc}") from exc
+        finally:
+            if self.settings.inter_frame_gap_s:
+                time.sleep(self.settings.inter_frame_gap_s)
+        if isinstance(rr, bytes):
+            if len(rr) != 2 * (count or 0):
+                raise LinkError(f"{what}: {len(rr) // 2} registers in the response")
+        elif rr.isError():
+            if rr.exception_code == ILLEGAL_FUNCTION:
+                raise FunctionUnsupported(f"{what}: exception response {rr}")
+            raise LinkError(f"{what}: exception response {rr}")
+        self.requests += 1
+        return rr
+
+    def _t_read_raw(self, address: int, count: int) -> bytes:
+        request = ReadHoldingRegistersRequest(address=address, count=count)
+        return self._t_transact(f"read {address}+{count}", request, count)  # type: ignore[no-any-return]
+
+    def _t_read(self, address: int, count: int) -> list[int]:
+        return list(struct.unpack(f">{count}H", self._t_read_raw(address, count)))
+
+    def _t_write(self, address: int, values: Sequence[int]) -> None:
+        regs = list(values)
+        self._t_transact(f"write {address}={regs}", WriteMultipleRegistersRequest(address=address, registers=regs))
+
+    def _t_read_write_raw(self, write_address: int, values: Sequence[int], read_address: int, count: int) -> bytes:
+        regs = list(values)
+        request = ReadWriteMultipleRegistersRequest(
+            read_address=read_address, read_count=count, write_address=write_address, write_registers=regs,
         )
-        return list(rr.registers)
+        return self._t_transact(f"write {write_address}={regs} + read {read_address}+{count}", request, count)  # type: ignore[no-any-return]
 
-    async def write(self, address: int, values: Sequence[int]) -> None:
-        unit, regs = self.settings.unit_id, list(values)
-        await self._transact(
-            f"write {address}={regs}", lambda cl: cl.write_registers(address, regs, device_id=unit)
-        )
+    def _t_read_write(self, write_address: int, values: Sequence[int], read_address: int, count: int) -> list[int]:
+        return list(struct.unpack(f">{count}H", self._t_read_write_raw(write_address, values, read_address, count)))
 
-    async def read_write(self, write_address: int, values: Sequence[int], read_address: int, count: int) -> list[int]:
-        """Function 23: write, then read, in one transaction (the controller writes first)."""
-        unit, regs = self.settings.unit_id, list(values)
-        rr = await self._transact(
-            f"write {write_address}={regs} + read {read_address}+{count}",
-            lambda cl: cl.readwrite_registers(
-                read_address=read_address, read_count=count, write_address=write_address,
-                values=regs, device_id=unit,
-            ),
-        )
-        return list(rr.registers)
-
-    async def _combined(
-        self, write_address: int, values: Sequence[int], read_address: int, count: int
-    ) -> list[int] | None:
-        """``read_write`` where the controller implements function 23; None where it does not
-        (the caller then writes and reads separately)."""
+    def _t_combined(self, write_address: int, values: Sequence[int], read_address: int, count: int) -> bytes | None:
+        """A function-23 write and read where the controller implements it (the registers as
+        bytes); None where it does not (the caller then writes and reads separately)."""
         if self.fc23 is False:
             return None
         try:
-            regs = await self.read_write(write_address, values, read_address, count)
+            raw = self._t_read_write_raw(write_address, values, read_address, count)
         except FunctionUnsupported:
             self.fc23 = False
             return None
         self.fc23 = True
-        return regs
+        return raw
 
-    def _require(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
-        if self._client is None or not self._client.connected:
-            raise LinkError(f"{self.settings.describe()}: not connected")
-        return self._client
+    def t_poll_raw(self) -> bytes:
+        """The status block (POLL_BASE, POLL_LEN) as big-endian bytes."""
+        return self._t_transact("status poll", self._io_thread().status_poll)  # type: ignore[no-any-return]
 
-    async def _gap(self) -> None:
-        if self.settings.inter_frame_gap_s:
-            await asyncio.sleep(self.settings.inter_frame_gap_s)
+    def t_heartbeat_poll_raw(self, value: int) -> bytes:
+        """Write the agent heartbeat, then read the status block: one function-23 transaction
+        where the controller has it, else a write and a read."""
+        if self.fc23 is not False:
+            try:
+                raw: bytes = self._t_transact(
+                    "heartbeat + status poll", self._io_thread().heartbeat_poll, value=value & 0xFFFF
+                )
+            except FunctionUnsupported:
+                self.fc23 = False
+            else:
+                self.fc23 = True
+                return raw
+        self._t_write(c.REG_AGENT_HEARTBEAT, [value & 0xFFFF])
+        return self.t_poll_raw()
+
+    def t_poll(self) -> c.Status:
+        return c.Status.from_bytes(self.t_poll_raw())
+
+    def t_heartbeat_poll(self, value: int) -> c.Status:
+        return c.Status.from_bytes(self.t_heartbeat_poll_raw(value))
+
+    async def read(self, address: int, count: int) -> list[int]:
+        return await self._call(self._t_read, address, count)  # type: ignore[no-any-return]
+
+    async def write(self, address: int, values: Sequence[int]) -> None:
+        await self._call(self._t_write, address, values)
+
+    async def read_write(self, write_address: int, values: Sequence[int], read_address: int, count: int) -> list[int]:
+        """Function 23: write, then read, in one transaction (the controller writes first)."""
+        return await self._call(self._t_read_write, write_address, values, read_address, count)  # type: ignore[no-any-return]
+
+    async def _combined(
+        self, write_address: int, values: Sequence[int], read_address: int, count: int
+    ) -> list[int] | None:
+        raw = await self._call(self._t_combined, write_address, values, read_address, count)
+        return None if raw is None else list(struct.unpack(f">{count}H", raw))
 
     # --- contract operations ------------------------------------------------------------
     async def poll(self) -> c.Status:
-        return c.Status.decode(await self.read(c.POLL_BASE, c.POLL_LEN))
+        return await self._call(self.t_poll)  # type: ignore[no-any-return]
 
     async def heartbeat_poll(self, value: int) -> c.Status:
         """Write the agent heartbeat and poll the status block: one function-23 transaction
         where the controller has it, else a write and a read. The status shows the new value."""
-        regs = await self._combined(c.REG_AGENT_HEARTBEAT, [value & 0xFFFF], c.POLL_BASE, c.POLL_LEN)
-        if regs is None:
-            await self.heartbeat(value)
-            return await self.poll()
-        return c.Status.decode(regs)
+        return await self._call(self.t_heartbeat_poll, value)  # type: ignore[no-any-return]
 
     async def read_triggers(self, seqs: Sequence[int], prev: bool = False) -> dict[int, c.TriggerEntry]:
         """Read the trigger-ring slots of ``seqs``; returns slot contents keyed by slot seq.

@@ -1,7 +1,9 @@
 """Triggers, reader frames and X-ray images become one parcel's inputs.
 
-The controller supervisor hands each new trigger (``on_trigger``) and each poll (``on_poll``: the
-encoder, so trailing edges can be placed, and the horizon of known triggers); the reader ports hand
+The controller supervisor hands each new trigger (``on_trigger``) and each poll it takes
+(``on_poll``: the encoder, so trailing edges can be placed, and the horizon of known triggers; it
+takes the polls that show the next trailing edge, ``next_trailing``, and asks for the poll that
+lets held inputs resolve, ``ask_poll`` and ``wanted_poll``); the reader ports hand
 frames (``on_reader_event``), the image source images (``on_image``). ``Matcher`` (pure) decides
 which input belongs to which trigger; its outcomes land on the parcel (``Parcel.reads``,
 ``image_path``) and, once every source has answered, wake the parcel's task (``Parcel.all_read``).
@@ -19,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.nudge import Nudge
 from agent.pipeline.decision import ReaderOutcome
 from agent.pipeline.matching import Capture, Matcher, Note, Outcome, SourceSpec, capture_interval
 from agent.pipeline.parcel import Parcel
@@ -78,7 +79,9 @@ class Intake:
         self.publish_s = cfg.controller.trigger_publish_ms / 1000
         self.trigger_hooks: list[Callable[[], None]] = []  # e.g. a capture source grabbing a frame
         self._trailing: dict[int, int] = {}  # seq -> encoder count at which its trailing edge passes
-        self.poll_now = Nudge()  # set when an input waits for the next controller poll
+        # asks the controller link for a poll sent at (or after) the given time, and handed over:
+        # an input waits to learn which triggers exist
+        self.ask_poll: Callable[[float], None] = _no_poll
         self._close_timer: asyncio.TimerHandle | None = None  # wakes tick() when a window closes
         self._close_at = float("inf")
 
@@ -160,15 +163,15 @@ class Intake:
         p = self.state.parcels.get(seq)
         if p is None:  # the poll has not seen its trigger yet: keep it briefly, and poll at once
             self._early_images[seq] = (image, t)
-            self.poll_now.set()
+            self.ask_poll(t)
             return
         self._attach_image(p, image, t)
 
     def _offer(self, source: str, item: Any, t: float, counter: int | None) -> None:
         """An input for the matcher; if it waits to learn which triggers exist, poll at once."""
         self._apply(self.matcher.add_frame(source, item, t, counter))
-        if self.matcher.holding():
-            self.poll_now.set()
+        if (at := self.wanted_poll()) is not None:
+            self.ask_poll(at)
         self._arm()
 
     def _attach_image(self, p: Parcel, image: Any, t: float) -> None:
@@ -196,6 +199,21 @@ class Intake:
         self.matcher.set_horizon(sent - self.publish_s)
         self.tick(now)
         self._arm()
+
+    def wanted_poll(self) -> float | None:
+        """When the poll that lets the first held input resolve must be sent (a poll sent at
+        ``sent`` shows every trigger captured before ``sent - trigger_publish_ms``); None when no
+        input waits. For a window from the trailing edge that is a little after the frame, so a
+        poll at once would not do."""
+        need = self.matcher.wanted_horizon()
+        return None if need is None else need + self.publish_s
+
+    def next_trailing(self, encoder: int) -> int | None:
+        """The encoder count at which the next parcel's trailing edge leaves the photo-eye (the
+        poll that shows it places that edge), or None when no edge is awaited."""
+        if not self._trailing:
+            return None
+        return min(self._trailing.values(), key=lambda target: c.encoder_delta(encoder, target))
 
     def tick(self, now: float) -> None:
         """Periodic: close read windows (and drop images that found no parcel)."""
@@ -297,3 +315,7 @@ class Intake:
         if alarm:
             self.state.alarms.event(alarm, f"reader {note.source}: {note.detail}", subject=note.source,
                                     reason=note.kind)
+
+
+def _no_poll(at: float) -> None:
+    """Without a controller session there is no poll to ask for."""

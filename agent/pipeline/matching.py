@@ -190,6 +190,11 @@ class Matcher(CounterRules):
         """Frames wait for the horizon (a controller poll would let them resolve)."""
         return any(src.held for src in self.sources.values())
 
+    def wanted_horizon(self) -> float | None:
+        """The horizon the first held frame waits for (None: no frame is held)."""
+        need = [src.held[0][1] - src.spec.min_s for src in self.sources.values() if src.held]
+        return min(need) if need else None
+
     def expect(self, seq: int) -> list[str]:
         """Sources that have not yet given their final answer for ``seq``."""
         return [n for n in self.sources if (s := self._slots.get((seq, n))) is not None and s.status is None]

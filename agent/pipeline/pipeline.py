@@ -51,7 +51,6 @@ class Pipeline:
         self.result_cursor = self.recorder.cursor
         self.controller_boot = self.recorder.boot
         self.mark_results = self.recorder.mark
-        self.poll_now = self.intake.poll_now
 
     def new_session(self, known_since: float, ack_counter: int) -> None:
         """A controller session starts: triggers before ``known_since`` may be unknown, and the

@@ -1,10 +1,12 @@
 """Controller supervisor: keeps the Modbus link up and turns polls into line events.
 
-One task owns the link's life: connect (identity checked), then poll the status block every
-``idle_poll_ms`` (sooner, but at most once per ``poll_interval_ms``, when a reader frame or an image
-asks: its parcel has certainly been triggered), write the agent heartbeat every
-``heartbeat_interval_ms``, and read the trigger and result rings whenever their heads move. Read
-windows close on the intake's own timer, not on polls. A lost link is retried with jittered doubling delay up to
+One task owns the link's life: connect (identity checked), measure the belt, then let the link's
+I/O thread poll the status block every ``idle_poll_ms`` (sooner, but at most once per
+``poll_interval_ms``, when a reader frame or an image asks: its parcel has certainly been
+triggered) with the agent heartbeat on it (``firmware_bridge.poller``). The thread hands over only
+the polls the line has a use for; this task reads the trigger and result rings when their heads
+move and keeps the heartbeat's lease while the agent is whole. Read windows close on the intake's
+own timer, not on polls. A lost link is retried with jittered doubling delay up to
 ``reconnect_max_s``, logged once at error level and once on recovery; while it is down the line is
 unhealthy (every decision is inspection, and the controller's watchdog does the same on its side).
 A contract mismatch is fatal: it is not retried.
@@ -14,73 +16,49 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 
 import structlog
 
 from agent.config import Config
+from agent.nudge import Nudge
 from agent.pipeline.pipeline import Pipeline
 from firmware_bridge import contract as c
 from firmware_bridge.backoff import Backoff
 from firmware_bridge.errors import ContractMismatch, LinkError
 from firmware_bridge.modbus_link import ControllerLink
-
-#: results waiting in the ring are read once this many have gathered, or this long after the
-#: first of them was seen (the ring holds RESULT_RING_LEN = 64)
-RESULT_BATCH = 16
-RESULT_DELAY_S = 0.25
+from firmware_bridge.poller import Poll, Poller, SpeedEstimator
 
 log = structlog.get_logger("sortgate.controller")
-
-#: CTRL_HEARTBEAT changes at least every 100 ms while the controller program runs (contract 3.2);
-#: unchanged this long, the program has halted although Modbus still answers.
-FROZEN_S = 1.0
-
 
 class ControllerRestarted(LinkError):
     """The controller's sequences started again (CTRL_BOOT changed, or a ring head went back)."""
 
 
-class SpeedEstimator:
-    """Belt speed in encoder counts per second, from successive (time, encoder) samples."""
-
-    def __init__(self, min_span_s: float = 0.05) -> None:
-        self.min_span_s = min_span_s
-        self._ref: tuple[float, int] | None = None
-        self.cps = 0.0
-
-    def update(self, t: float, encoder: int) -> float:
-        if self._ref is None:
-            self._ref = (t, encoder)
-            return self.cps
-        t0, e0 = self._ref
-        if t - t0 >= self.min_span_s:
-            sample = c.encoder_delta(e0, encoder) / (t - t0)
-            # conservative: a faster belt means an earlier deadline, so take rises at once
-            self.cps = sample if sample > self.cps else 0.7 * self.cps + 0.3 * sample
-            self._ref = (t, encoder)
-        return self.cps
-
-
 class ControllerSupervisor:
     def __init__(
-        self, cfg: Config, link: ControllerLink, pipeline: Pipeline, healthy: Callable[[], bool] = lambda: True
+        self, cfg: Config, link: ControllerLink, pipeline: Pipeline, healthy: Callable[[], bool] = lambda: True,
+        lease_s: float = 0.4,
     ) -> None:
         self.cfg = cfg
         self.link = link
         self.pipeline = pipeline
         self.healthy = healthy  # False while a vital task is dead or stuck: no heartbeat then
+        self.lease_s = lease_s  # how long one ``keep_alive`` lets the heartbeat go on
         self.speed = SpeedEstimator()
         self.connected = asyncio.Event()
-        self.alive = time.monotonic()  # the poll loop's last turn (liveness)
+        self._alive = time.monotonic()  # the task's last turn outside a session (liveness)
         # what this process last saw of the controller, to notice a restart between sessions
         self._boot: int | None = None
         self._heads: tuple[int, int] | None = None  # (trigger head, result head reached)
-        self._hb = (-1, 0.0)  # CTRL_HEARTBEAT and when it last changed
         self._per_lane = False  # the connected controller takes a full lane as that lane's alone (1.3)
-        # for sortgate status: the last status read and when; why and since when the link is down
-        self.status: c.Status | None = None
-        self.polled_at = 0.0
+        # the session's poller, and the polls (or the error) it has handed over, in order
+        self._poller: Poller | None = None
+        self._polls: deque[Poll | Exception] = deque()
+        self._woken = Nudge()
+        self._status: tuple[c.Status, float] | None = None  # before a poller runs
+        # why and since when the link is down
         self.error: str | None = "not connected yet"
         self.down_since = time.time()
 
@@ -155,7 +133,7 @@ class ControllerSupervisor:
                 else:
                     log.debug("controller still unreachable", error=str(exc))
             self.link.close()
-            self.alive = time.monotonic()
+            self._alive = time.monotonic()
             await asyncio.sleep(backoff.next())
 
     def _restart_reason(self, status: c.Status) -> str | None:
@@ -198,14 +176,6 @@ class ControllerSupervisor:
         self._heads = (status.trigger_head, start)
         return start
 
-    def _frozen(self, ctrl_heartbeat: int, now: float) -> tuple[str, ...]:
-        """CTRL_HEARTBEAT unchanged for FROZEN_S: the controller program is not running."""
-        value, since = self._hb
-        if ctrl_heartbeat != value:
-            self._hb = (ctrl_heartbeat, now)
-            return ()
-        return ("controller_frozen",) if now - since > FROZEN_S else ()
-
     async def _read_results(self, done_up_to: int, head: int) -> int:
         """Hand every result after ``done_up_to`` to the line; returns the new position."""
         rseqs = c.ring_entries_between(done_up_to, head, c.RESULT_RING_LEN)
@@ -240,57 +210,101 @@ class ControllerSupervisor:
             self.speed.update(time.monotonic(), status.encoder)
         return status
 
+    # --- what sortgate status shows -------------------------------------------------------
+    @property
+    def alive(self) -> float:
+        """The last poll in a session (the I/O thread's), else the task's own last turn."""
+        poller = self._poller
+        return poller.turned_at if poller is not None else self._alive
+
+    @property
+    def status(self) -> c.Status | None:
+        latest = self._poller.latest if self._poller is not None else None
+        latest = latest or self._status
+        return latest[0] if latest else None
+
+    @property
+    def polled_at(self) -> float:
+        latest = self._poller.latest if self._poller is not None else None
+        latest = latest or self._status
+        return latest[1] if latest else 0.0
+
+    # --- a session --------------------------------------------------------------------------
     async def _session(self) -> None:
         cc = self.cfg.controller
-        hb_s = cc.heartbeat_interval_ms / 1000
         status = await self._measure_speed()
         result_head = await self._resume(status)
         trigger_head = status.trigger_head
         # Triggers up to this head are not ours to decide (they default); frames of theirs may still
         # arrive, so the matcher must not take any trigger before this moment as known.
         self.pipeline.new_session(time.monotonic(), status.ack_counter)
-        hb = status.agent_heartbeat  # continue from the register: the first write is a change
-        next_hb = 0.0
-        prev_sent = time.monotonic()
-        results_since: float | None = None  # when the first result not yet read was seen
-        told_fc23 = False
+        poller = Poller(
+            idle_s=cc.idle_poll_ms / 1000, min_gap_s=cc.poll_interval_ms / 1000,
+            heartbeat_s=cc.heartbeat_interval_ms / 1000,
+            heartbeat=status.agent_heartbeat,  # continue from the register: the first write is a change
+            speed=self.speed, results_read=result_head, prev_sent=time.monotonic(),
+        )
+        self._polls.clear()
+        self._poller = poller
+        self.keep_alive(time.monotonic())
+        self.link.start_polling(poller, self._handed_over)
+        self.pipeline.intake.ask_poll = self.link.poll_at
         self.connected.set()
-        while True:
-            sent = self.alive = time.monotonic()
-            # only a whole agent keeps the controller's watchdog fed: with a dead task the watchdog
-            # trips and the controller sends every parcel to inspection. With FC 23 the heartbeat
-            # rides on every poll (the same transaction, no cost): a stalled event loop then shows
-            # at the controller as the stall itself, not the stall plus a heartbeat period
-            if (sent >= next_hb or self.link.fc23) and self.healthy():
-                hb = c.next_seq(hb)
-                status = await self.link.heartbeat_poll(hb)  # one transaction where it can be
-                next_hb = sent + hb_s
+        told_fc23 = False
+        try:
+            while True:
+                await self._woken.wait()
+                self._woken.clear()
+                while self._polls:
+                    poll = self._polls.popleft()
+                    if isinstance(poll, Exception):
+                        raise poll
+                    trigger_head, result_head = await self._take(poll, trigger_head, result_head)
                 if self.link.fc23 is False and not told_fc23:
                     told_fc23 = True
                     log.info("controller does not implement function 23: writes and reads go separately")
-            else:
-                status = await self.link.poll()
-            now = self.polled_at = time.monotonic()
-            self.status = status
-            cps = self.speed.update(now, status.encoder)
-            self._check_restart(status)
-            self.pipeline.set_lane_full(status.lane_full_bits, self._per_lane)
-            problems = status.problems(self.cfg.default_lane if self._per_lane else None)
-            self.pipeline.set_problems(problems + self._frozen(status.ctrl_heartbeat, now))
-            if status.trigger_head != trigger_head:
-                await self._read_triggers(trigger_head, status, cps, now, prev_sent)
-                trigger_head = status.trigger_head
-            if status.result_head != result_head:
-                # results are not urgent (a record, not a decision): read them in batches
-                results_since = now if results_since is None else results_since
-                if (c.seq_distance(result_head, status.result_head) >= RESULT_BATCH
-                        or now - results_since >= RESULT_DELAY_S):
-                    result_head = await self._read_results(result_head, status.result_head)
-                    results_since = None
-            self._heads = (trigger_head, result_head)
-            self.pipeline.on_poll(sent, now, prev_sent, status.encoder, cps)
-            prev_sent = sent
-            await self._until_next_poll(sent, next_hb)
+        finally:
+            self.pipeline.intake.ask_poll = _no_poll
+            self._status = poller.latest
+            self._poller = None
+
+    def _handed_over(self, poll: Poll | Exception) -> None:
+        """Event loop: a poll from the I/O thread, or the error that ended polling (in order)."""
+        self._polls.append(poll)
+        self._woken.set()
+
+    def keep_alive(self, now: float) -> None:
+        """The agent is whole (called at each housekeeping turn, after the vital tasks are
+        checked): the heartbeat may go on for ``lease_s``. Only a whole agent keeps the
+        controller's watchdog fed; with a dead or stuck task, or the event loop stalled, the
+        heartbeat stops within ``lease_s``, the watchdog trips and the controller sends every
+        parcel to inspection."""
+        if self._poller is not None and self.healthy():
+            self._poller.renew(now + self.lease_s)
+
+    async def _take(self, poll: Poll, trigger_head: int, result_head: int) -> tuple[int, int]:
+        """One poll the line has a use for: problems, new triggers, due results, the horizon."""
+        status, now = poll.status, poll.seen
+        self._check_restart(status)
+        self.pipeline.set_lane_full(status.lane_full_bits, self._per_lane)
+        problems = status.problems(self.cfg.default_lane if self._per_lane else None)
+        self.pipeline.set_problems(problems + (("controller_frozen",) if poll.frozen else ()))
+        if status.trigger_head != trigger_head:
+            await self._read_triggers(trigger_head, status, poll.cps, now, poll.prev_sent)
+            trigger_head = status.trigger_head
+        if poll.results_due and status.result_head != result_head:
+            # results are not urgent (a record, not a decision): read in batches (the poller's rule)
+            result_head = await self._read_results(result_head, status.result_head)
+            if self._poller is not None:
+                self._poller.read_up_to(result_head)
+        self._heads = (trigger_head, result_head)
+        self.pipeline.on_poll(poll.sent, now, poll.prev_sent, status.encoder, poll.cps)
+        if self._poller is not None:
+            intake = self.pipeline.intake
+            self._poller.follow(intake.next_trailing(status.encoder))
+            if (at := intake.wanted_poll()) is not None:  # inputs still wait: the poll that resolves them
+                self.link.poll_at(at)
+        return trigger_head, result_head
 
     async def _read_triggers(self, head: int, status: c.Status, cps: float, now: float, prev_sent: float) -> None:
         seqs = c.ring_entries_between(head, status.trigger_head, c.TRIGGER_RING_LEN)
@@ -307,15 +321,6 @@ class ControllerSupervisor:
             if seq in entries:
                 self.pipeline.on_trigger(entries[seq], status.encoder, cps, now, prev_sent)
 
-    async def _until_next_poll(self, sent: float, next_hb: float) -> None:
-        """The next poll at the idle period, or when the heartbeat is due (it rides on a poll: the
-        controller's watchdog must see it every heartbeat_interval_ms, not up to an idle period
-        later), or sooner when an input waits for it (a frame that must learn which triggers
-        exist, an image ahead of its trigger), but never sooner than poll_interval_ms after the
-        last: a flood of frames cannot flood the link."""
-        cc = self.cfg.controller
-        wait = min(cc.idle_poll_ms / 1000, max(next_hb - time.monotonic(), 0.0))
-        await self.pipeline.poll_now.wait(wait)
-        if (gap := sent + cc.poll_interval_ms / 1000 - time.monotonic()) > 0:
-            await asyncio.sleep(gap)
-        self.pipeline.poll_now.clear()
+
+def _no_poll(at: float) -> None:
+    """Outside a session there is no poll to ask for."""

@@ -189,7 +189,7 @@ class Agent:
         self.vitals = Vitals(VITAL_STALL_S, VITAL_EXIT_S)
         self.clock = ClockWatch()
         self.supervisor = ControllerSupervisor(
-            cfg, self.link, self.pipeline, healthy=lambda: not self.vitals.stalled
+            cfg, self.link, self.pipeline, healthy=lambda: not self.vitals.stalled, lease_s=2 * HOUSEKEEPING_S,
         )
         # each vital loop marks every turn (at least twice a second); paho's thread must be alive
         self.vitals.watch("inbound", self.inbound.last_turn)
@@ -294,6 +294,7 @@ class Agent:
             now = time.monotonic()
             self.pipeline.housekeeping(now)
             self.vitals.check(now)
+            self.supervisor.keep_alive(now)  # the heartbeat goes on while every vital task runs
             step = self.clock.check()
             if step is not None:
                 log.warning("system clock stepped", by_s=round(step, 1))
