@@ -255,9 +255,11 @@ async def test_power_loss_many_kills_during_heavy_record_traffic(broker: Mosquit
     rng = random.Random(70)
     steps: list[tuple[float, Any]] = []
     t = 0.5
+    lives: list[float] = []  # how long each killed agent ran
     for _ in range(kills):
         steps += [(t, "agent-kill"), (t + 0.2, "agent-start")]
-        t += 0.2 + rng.uniform(0.6, 1.6)
+        lives.append(rng.uniform(0.6, 1.6))
+        t += 0.2 + lives[-1]
     plan = make_plan(int((t + 2) * 10), rate=10, seed=70, mix=CLEAN)
     run, m = await run_line(RunSpec(plan=plan, line=line_name, rate=10, chaos_steps=steps), broker=broker, keep=True)
     try:
@@ -267,7 +269,11 @@ async def test_power_loss_many_kills_during_heavy_record_traffic(broker: Mosquit
         assert m["records_lost"] == 0 and m["records_unique"] == m["parcels"]
         assert m["wrongly_released"] == 0
         log = run.agent_log.read_text()
-        assert log.count("sortgate starting") == kills + 1
+        # an agent killed within its first second may not have logged its start yet (Python's
+        # imports alone take 0.3-0.5 s, more on a loaded machine): the kill fell in its start-up,
+        # which is one of the moments this test aims at; every other agent logged it
+        early = sum(1 for life in lives[:-1] if life < 1.0)  # the last agent is never killed
+        assert kills + 1 - early <= log.count("sortgate starting") <= kills + 1
         assert "Traceback" not in log and "cannot start" not in log
         # the last agent ran to the end: its outbox is empty (everything acknowledged)
         with sqlite3.connect(run.state_dir / "outbox.sqlite") as conn:
