@@ -2,8 +2,8 @@
 
 One task owns the link's life: connect (identity checked), measure the belt, then let the link's
 I/O thread poll the status block every ``idle_poll_ms`` (sooner, but at most once per
-``poll_interval_ms``, when a reader frame or an image asks: its parcel has certainly been
-triggered) with the agent heartbeat on it (``firmware_bridge.poller``). The thread hands over only
+``poll_interval_ms``, when a held reader frame or an early image asks for the poll that can tell it
+which triggers exist) with the agent heartbeat on it (``firmware_bridge.poller``). The thread hands over only
 the polls the line has a use for; this task reads the trigger and result rings when their heads
 move and keeps the heartbeat's lease while the agent is whole. Read windows close on the intake's
 own timer, not on polls. A lost link is retried with jittered doubling delay up to
@@ -31,6 +31,7 @@ from firmware_bridge.modbus_link import ControllerLink
 from firmware_bridge.poller import Poll, Poller, SpeedEstimator
 
 log = structlog.get_logger("sortgate.controller")
+
 
 class ControllerRestarted(LinkError):
     """The controller's sequences started again (CTRL_BOOT changed, or a ring head went back)."""
