@@ -53,7 +53,7 @@ class Wire:
         raise NotImplementedError
 
     def abort(self) -> None:
-        """From any thread: make a blocked read return at once (the link is closing)."""
+        """From any thread: the link is closing; end a blocked read early where that is safe."""
 
     def _send(self, data: bytes | bytearray) -> None:
         raise NotImplementedError
@@ -278,12 +278,8 @@ class RtuWire(Wire):
             self._port = None
 
     def abort(self) -> None:
-        port = self._port
-        if port is not None and hasattr(port, "cancel_read"):
-            try:
-                port.cancel_read()
-            except (OSError, serial.SerialException):
-                pass
+        """Nothing to interrupt safely: a read waits in ``select`` at most ``timeout_s`` (closing
+        the descriptor under it from another thread could hand the number to a new file)."""
 
     def _framer(self) -> FramerRTU:
         return self._rtu_framer
