@@ -115,13 +115,11 @@ class Poller:
         results_read: int,
         prev_sent: float,
         deliver: Callable[[Poll], object] = lambda poll: None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.idle_s, self.min_gap_s, self.heartbeat_s = idle_s, min_gap_s, heartbeat_s
         self.heartbeat = heartbeat  # the last value written (continued from the register)
         self.speed = speed
         self.deliver = deliver  # the link sets it: hands a poll to the event loop
-        self._clock = clock
         # set by the loop (single assignments)
         self.lease_until = 0.0
         self.results_read = results_read
@@ -129,7 +127,7 @@ class Poller:
         # the I/O thread's own
         self.next_at = 0.0  # the next poll is due
         self.prev_sent = prev_sent
-        self.turned_at = clock()  # the last poll (liveness)
+        self.turned_at = time.monotonic()  # the last poll (liveness)
         self._latest: tuple[bytes, float] | None = None  # the last poll's block, and when
         self._next_hb = 0.0
         self._wanted: float | None = None  # deliver the first poll sent at or after this
