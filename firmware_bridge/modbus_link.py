@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import struct
 import threading
 import time
 from collections import deque
@@ -46,7 +45,7 @@ from firmware_bridge import contract as c
 from firmware_bridge.errors import ContractMismatch, FunctionUnsupported, LinkError
 from firmware_bridge.poller import Poll, Poller
 from firmware_bridge.serial_line import SerialLine
-from firmware_bridge.wire import Repeated, RtuWire, TcpWire, Wire
+from firmware_bridge.wire import Repeated, RtuWire, TcpWire, Wire, registers_list
 
 __all__ = ["ControllerLink", "LinkSettings"]
 
@@ -303,7 +302,7 @@ class ControllerLink:
         return self._t_transact(f"read {address}+{count}", request, count)  # type: ignore[no-any-return]
 
     def _t_read(self, address: int, count: int) -> list[int]:
-        return list(struct.unpack(f">{count}H", self._t_read_raw(address, count)))
+        return registers_list(self._t_read_raw(address, count))
 
     def _t_write(self, address: int, values: Sequence[int]) -> None:
         regs = list(values)
@@ -317,20 +316,24 @@ class ControllerLink:
         return self._t_transact(f"write {write_address}={regs} + read {read_address}+{count}", request, count)  # type: ignore[no-any-return]
 
     def _t_read_write(self, write_address: int, values: Sequence[int], read_address: int, count: int) -> list[int]:
-        return list(struct.unpack(f">{count}H", self._t_read_write_raw(write_address, values, read_address, count)))
+        return registers_list(self._t_read_write_raw(write_address, values, read_address, count))
 
-    def _t_combined(self, write_address: int, values: Sequence[int], read_address: int, count: int) -> bytes | None:
-        """A function-23 write and read where the controller implements it (the registers as
-        bytes); None where it does not (the caller then writes and reads separately)."""
+    def _t_fc23(self, transact: Callable[[], bytes]) -> bytes | None:
+        """A function-23 transaction where the controller implements it (the registers read, as
+        bytes); None where it answers exception 01, and from then on without asking again (the
+        caller writes and reads separately)."""
         if self.fc23 is False:
             return None
         try:
-            raw = self._t_read_write_raw(write_address, values, read_address, count)
+            raw = transact()
         except FunctionUnsupported:
             self.fc23 = False
             return None
         self.fc23 = True
         return raw
+
+    def _t_combined(self, write_address: int, values: Sequence[int], read_address: int, count: int) -> bytes | None:
+        return self._t_fc23(lambda: self._t_read_write_raw(write_address, values, read_address, count))
 
     def t_poll_raw(self) -> bytes:
         """The status block (POLL_BASE, POLL_LEN) as big-endian bytes."""
@@ -339,16 +342,10 @@ class ControllerLink:
     def t_heartbeat_poll_raw(self, value: int) -> bytes:
         """Write the agent heartbeat, then read the status block: one function-23 transaction
         where the controller has it, else a write and a read."""
-        if self.fc23 is not False:
-            try:
-                raw: bytes = self._t_transact(
-                    "heartbeat + status poll", self._io_thread().heartbeat_poll, value=value & 0xFFFF
-                )
-            except FunctionUnsupported:
-                self.fc23 = False
-            else:
-                self.fc23 = True
-                return raw
+        request = self._io_thread().heartbeat_poll
+        raw = self._t_fc23(lambda: self._t_transact("heartbeat + status poll", request, value=value & 0xFFFF))
+        if raw is not None:
+            return raw
         self._t_write(c.REG_AGENT_HEARTBEAT, [value & 0xFFFF])
         return self.t_poll_raw()
 
@@ -372,7 +369,7 @@ class ControllerLink:
         self, write_address: int, values: Sequence[int], read_address: int, count: int
     ) -> list[int] | None:
         raw = await self._call(self._t_combined, write_address, values, read_address, count)
-        return None if raw is None else list(struct.unpack(f">{count}H", raw))
+        return None if raw is None else registers_list(raw)
 
     # --- contract operations ------------------------------------------------------------
     async def poll(self) -> c.Status:

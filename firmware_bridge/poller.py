@@ -166,6 +166,12 @@ class Poller:
         return self.heartbeat
 
     @property
+    def latest_at(self) -> float | None:
+        """When the last status was polled (None: not yet)."""
+        last = self._latest
+        return last[1] if last else None
+
+    @property
     def latest(self) -> tuple[c.Status, float] | None:
         """The last status polled and when (decoded on demand: ``sortgate status``)."""
         last = self._latest

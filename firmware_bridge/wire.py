@@ -9,8 +9,10 @@ machine (docs/performance.md). One ``Wire`` carries one transaction at a time an
 thread only, except ``abort``.
 
 Any failure — a time-out, a closed connection, a frame that does not decode — raises
-``LinkError``; the caller closes the wire and connects again, so a late answer to a timed-out
-request can never be taken for the answer to the next one.
+``LinkError``. A failed status poll ends the session and the link connects again; after another
+request timed out (a lane command, say) the connection stays, and its late answer is never taken
+for the next one: in TCP it carries another transaction id and is skipped, in RTU the input is
+drained before every request.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pymodbus.pdu import DecodePDU, ModbusPDU
 from firmware_bridge.errors import LinkError
 from firmware_bridge.serial_line import SerialLine
 
-__all__ = ["Repeated", "RtuWire", "TcpWire", "Wire"]
+__all__ = ["Repeated", "RtuWire", "TcpWire", "Wire", "registers_bytes", "registers_list"]
 
 Trace = Callable[[bool, bytes], object]
 
@@ -44,7 +46,6 @@ class Wire:
         self.timeout_s = timeout_s
         self._trace = trace
         self._buf = b""
-        self.describe = "modbus"
 
     def open(self) -> None:
         raise NotImplementedError
@@ -133,6 +134,11 @@ class Repeated:
 
 def registers_bytes(registers: Sequence[int]) -> bytes:
     return struct.pack(f">{len(registers)}H", *registers)
+
+
+def registers_list(raw: bytes) -> list[int]:
+    """The registers of big-endian register bytes (``registers_bytes`` the other way)."""
+    return list(struct.unpack(f">{len(raw) // 2}H", raw))
 
 
 class TcpWire(Wire):

@@ -220,15 +220,16 @@ class ControllerSupervisor:
 
     @property
     def status(self) -> c.Status | None:
-        latest = self._poller.latest if self._poller is not None else None
-        latest = latest or self._status
+        """The last status polled: this session's, else the last session's."""
+        latest = (self._poller.latest if self._poller is not None else None) or self._status
         return latest[0] if latest else None
 
     @property
     def polled_at(self) -> float:
-        latest = self._poller.latest if self._poller is not None else None
-        latest = latest or self._status
-        return latest[1] if latest else 0.0
+        """When ``status`` was polled (monotonic)."""
+        if self._poller is not None and self._poller.latest_at is not None:
+            return self._poller.latest_at
+        return self._status[1] if self._status else 0.0
 
     # --- a session --------------------------------------------------------------------------
     async def _session(self) -> None:
