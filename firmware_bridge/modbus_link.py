@@ -400,12 +400,19 @@ class ControllerLink:
     async def read_results(self, rseqs: Sequence[int]) -> dict[int, c.ResultEntry]:
         return await self._read_ring(rseqs, c.ResultEntry)
 
+    def t_read_results(self, rseqs: Sequence[int]) -> dict[int, c.ResultEntry]:
+        """I/O thread: ``read_results``."""
+        return self._t_read_ring(rseqs, c.ResultEntry)
+
     async def _read_ring(self, seqs: Sequence[int], kind: Any) -> dict[int, Any]:
+        return await self._call(self._t_read_ring, seqs, kind)  # type: ignore[no-any-return]
+
+    def _t_read_ring(self, seqs: Sequence[int], kind: Any) -> dict[int, Any]:
         """Read only the slots needed, in as few requests as possible. Keyed by the seq asked
         for; an entry whose own sequence field differs is not yet (or no longer) that seq."""
         out: dict[int, Any] = {}
         for address, count in c.slot_ranges(seqs, kind.RING_BASE, kind.ENTRY_LEN, kind.RING_LEN):
-            regs = await self.read(address, count)
+            regs = self._t_read(address, count)
             for i in range(0, count, kind.ENTRY_LEN):
                 entry = kind.decode(regs, i)
                 out[entry.seq if kind is c.TriggerEntry else entry.rseq] = entry

@@ -8,7 +8,9 @@ own thread and wakes the event loop only for a poll it has a use for (``Poll``):
 * something the line's decisions depend on changed: the status bits, the trigger head, the lane-full
   bits, CTRL_BOOT, or the controller's program froze or runs again;
 * results are due: ``RESULT_BATCH`` of them have gathered, or the first has waited
-  ``RESULT_DELAY_S`` (a record, not a decision: read in batches);
+  ``RESULT_DELAY_S`` (a record, not a decision: read in batches). The thread reads them itself
+  (``read_results``) and hands them over with the poll, so a batch of results costs the loop one
+  wake-up;
 * the loop asked for it: an input waits to learn which triggers exist (``want``: the first poll
   sent at or after a given moment, brought forward to then, but at most once per ``min_gap_s``),
   or a parcel's trailing edge passes the photo-eye (``follow``: the first poll whose encoder has
@@ -22,7 +24,7 @@ every parcel to inspection — as with a heartbeat written by the loop itself, w
 judged at the same turns.
 
 Thread rules: ``Poller`` is driven by the I/O thread (``turn``, ``want``); the loop calls
-``renew``, ``follow`` and ``read_up_to``, which only assign single attributes. What the thread hands
+``renew`` and ``follow``, which only assign single attributes. What the thread hands
 over goes through ``deliver``, which the link sets to a ``call_soon_threadsafe``.
 """
 
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from firmware_bridge import contract as c
@@ -92,7 +94,9 @@ class SpeedEstimator:
 @dataclass(frozen=True, slots=True)
 class Poll:
     """One status poll handed to the loop: sent at ``sent``, answered at ``seen``; the poll before
-    it (which showed none of this poll's new triggers) was sent at ``prev_sent``."""
+    it (which showed none of this poll's new triggers) was sent at ``prev_sent``. ``results``: the
+    result-ring entries read after it (keyed by RSEQ; read from the first not yet handed over up to
+    the poll's RESULT_HEAD), when results were due; else None."""
 
     status: c.Status
     sent: float
@@ -100,7 +104,7 @@ class Poll:
     prev_sent: float
     cps: float
     frozen: bool
-    results_due: bool
+    results: dict[int, c.ResultEntry] | None = None
 
 
 class Poller:
@@ -114,15 +118,19 @@ class Poller:
         speed: SpeedEstimator,
         results_read: int,
         prev_sent: float,
+        read_results: Callable[[Sequence[int]], dict[int, c.ResultEntry]],
         deliver: Callable[[Poll], object] = lambda poll: None,
     ) -> None:
+        """``results_read``: the RESULT_HEAD the loop has already taken; ``read_results``: reads the
+        result-ring slots of the given RSEQs (on the I/O thread, like ``turn``)."""
         self.idle_s, self.min_gap_s, self.heartbeat_s = idle_s, min_gap_s, heartbeat_s
         self.heartbeat = heartbeat  # the last value written (continued from the register)
         self.speed = speed
         self.deliver = deliver  # the link sets it: hands a poll to the event loop
+        self.read_results = read_results
+        self.results_read = results_read  # the I/O thread's: results up to here are handed over
         # set by the loop (single assignments)
         self.lease_until = 0.0
-        self.results_read = results_read
         self.target: int | None = None  # deliver the first poll whose encoder reaches this count
         # the I/O thread's own
         self.next_at = 0.0  # the next poll is due
@@ -143,9 +151,6 @@ class Poller:
     def follow(self, target: int | None) -> None:
         """After the loop has taken a poll: the next trailing edge to watch for."""
         self.target = target
-
-    def read_up_to(self, result_head: int) -> None:
-        self.results_read = result_head
 
     # --- the I/O thread's side ----------------------------------------------------------
     def want(self, at: float) -> None:
@@ -186,7 +191,8 @@ class Poller:
         ctrl_heartbeat, encoder = _QUICK.unpack_from(raw)
         cps = self.speed.update(seen, encoder)
         frozen = self._frozen(ctrl_heartbeat, seen)
-        due = self._results_due(_U16.unpack_from(raw, _RESULT_HEAD)[0], seen)
+        result_head = _U16.unpack_from(raw, _RESULT_HEAD)[0]
+        due = self._results_due(result_head, seen)
         key = (raw[_BITS], raw[_TRIGGER_HEAD], raw[_LANE_FULL], raw[_BOOT], frozen)
         target = self.target
         wanted = self._wanted is not None and sent >= self._wanted
@@ -195,7 +201,11 @@ class Poller:
             if wanted:
                 self._wanted = None
             self._key = key
-            self.deliver(Poll(c.Status.from_bytes(raw), sent, seen, self.prev_sent, cps, frozen, due))
+            results = None
+            if due:  # read here: the loop takes them with this poll
+                results = self.read_results(c.ring_entries_between(self.results_read, result_head, c.RESULT_RING_LEN))
+                self.results_read = result_head
+            self.deliver(Poll(c.Status.from_bytes(raw), sent, seen, self.prev_sent, cps, frozen, results))
         self.prev_sent = sent
         # the next poll at the idle period, or when a heartbeat that needs its own write is due,
         # or when a poll is wanted

@@ -20,7 +20,8 @@ import concurrent.futures
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,40 @@ def journal_row(record_id: str, payload: bytes, at: float) -> tuple[Any, ...] | 
             d.get("decision_ms"), img.get("inference_ms"), int(img.get("status") == "flagged"), None, payload)
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One write in an outbox transaction: a message (``topic`` set), the cursors it advances
+    (name, value) and the stored decision it settles (its key), or cursors alone."""
+
+    record_id: str = ""
+    topic: str | None = None
+    payload: bytes = b""
+    cursors: tuple[tuple[str, int], ...] = ()
+    done_decision: str | None = None
+
+
+def _insert(conn: sqlite3.Connection, e: Entry, now: float) -> int | None:
+    """One entry, inside the caller's transaction (writer thread); the message's row id."""
+    row_id = None
+    if e.topic is not None:
+        cur = conn.execute(
+            "INSERT INTO outbox(record_id, topic, payload, created) VALUES (?,?,?,?)",
+            (e.record_id, e.topic, e.payload, now),
+        )
+        row_id = int(cur.lastrowid or 0)
+        row = journal_row(e.record_id, e.payload, now) if e.topic.endswith(JOURNALED) else None
+        if row is not None:
+            conn.execute("INSERT OR REPLACE INTO journal VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+    if e.cursors:
+        conn.executemany(
+            "INSERT INTO cursors(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            e.cursors,
+        )
+    if e.done_decision is not None:
+        conn.execute("DELETE FROM decisions WHERE key = ?", (e.done_decision,))
+    return row_id
+
+
 class OutboxFull(Exception):
     """The outbox is at its disk budget: the record was not stored."""
 
@@ -133,37 +168,33 @@ class Outbox:
         In the same transaction: advance ``cursor`` (name, value) and drop the decision row
         ``done_decision``, so a crash leaves either both or neither.
         """
-        if self.pending_records + 1 > self.max_records or self.pending_bytes + len(payload) > self.max_bytes:
+        rows = await self.add_many([Entry(record_id, topic, payload, (cursor,) if cursor else (), done_decision)])
+        return rows[0] or 0
+
+    async def add_many(self, entries: Sequence[Entry]) -> list[int | None]:
+        """Commit several entries in one transaction (one fsync for all: a batch of results
+        becomes its records at the cost of one), in order; returns each message's row id (None
+        for an entry that only sets cursors). All or nothing: raises OutboxFull if the messages
+        together do not fit the budget, and then nothing is stored."""
+        messages = [e for e in entries if e.topic is not None]
+        size = sum(len(e.payload) for e in messages)
+        if self.pending_records + len(messages) > self.max_records or self.pending_bytes + size > self.max_bytes:
             raise OutboxFull(
                 f"outbox at its budget ({self.pending_records} records, {self.pending_bytes} bytes)"
             )
 
-        journal = topic.endswith(JOURNALED)
-
-        def insert(conn: sqlite3.Connection) -> int:
+        def insert(conn: sqlite3.Connection) -> list[int | None]:
             now = time.time()
-            row = journal_row(record_id, payload, now) if journal else None
+            rows: list[int | None] = []
             with transaction(conn):
-                cur = conn.execute(
-                    "INSERT INTO outbox(record_id, topic, payload, created) VALUES (?,?,?,?)",
-                    (record_id, topic, payload, now),
-                )
-                if row is not None:
-                    conn.execute("INSERT OR REPLACE INTO journal VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
-                if cursor is not None:
-                    conn.execute(
-                        "INSERT INTO cursors(name, value) VALUES (?, ?) "
-                        "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                        cursor,
-                    )
-                if done_decision is not None:
-                    conn.execute("DELETE FROM decisions WHERE key = ?", (done_decision,))
-            return int(cur.lastrowid or 0)
+                for e in entries:
+                    rows.append(_insert(conn, e, now))
+            return rows
 
-        row = await self.db.write(insert)
-        self.pending_records += 1
-        self.pending_bytes += len(payload)
-        return row
+        rows = await self.db.write(insert)
+        self.pending_records += len(messages)
+        self.pending_bytes += size
+        return rows
 
     async def remove(self, rows: list[tuple[int, int]]) -> None:
         """Delete acknowledged rows, given as (row id, payload size)."""
@@ -239,16 +270,7 @@ class Outbox:
 
     async def set_cursors(self, values: dict[str, int]) -> None:
         """Set cursors durably, in one transaction."""
-
-        def upsert(conn: sqlite3.Connection) -> None:
-            with transaction(conn):
-                conn.executemany(
-                    "INSERT INTO cursors(name, value) VALUES (?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                    list(values.items()),
-                )
-
-        await self.db.write(upsert)
+        await self.add_many([Entry(cursors=tuple(values.items()))])
 
     def pending_decisions(self) -> list[tuple[str, bytes]]:
         """Decisions whose record is not yet in the outbox, oldest first: (key, body)."""
@@ -298,7 +320,11 @@ class OutboxPublisher:
         done_decision: str | None = None,
     ) -> None:
         """Commit first, then publish. Raises OutboxFull (or an OSError) if it cannot be stored."""
-        await self.outbox.add(record_id, topic, payload, cursor=cursor, done_decision=done_decision)
+        await self.put_many([Entry(record_id, topic, payload, (cursor,) if cursor else (), done_decision)])
+
+    async def put_many(self, entries: Sequence[Entry]) -> None:
+        """``put`` for several entries: committed in one transaction (all or nothing), then published."""
+        await self.outbox.add_many(entries)
         self._wake.set()
 
     def on_ack(self, mid: int) -> None:

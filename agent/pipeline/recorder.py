@@ -2,10 +2,11 @@
 
 The controller reports where each parcel went (result ring); ``on_result`` joins that with the
 decision part (in memory, or on disk if a previous agent run decided the parcel) into the parcel
-record. ``run`` commits records and alarms to the outbox one by one: while a record cannot be stored
-the line is unhealthy (``outbox_unavailable``) and nothing is released. ``sweep`` records parcels
-whose result never came, so the audit trail has no holes. Decision parts are saved on disk as
-soon as a parcel is decided (``keep``), and tracked so that a stop can wait for them (``drain``).
+record. ``run`` commits records and alarms to the outbox in order, those queued together (a batch
+of results) in one transaction: while a record cannot be stored the line is unhealthy
+(``outbox_unavailable``) and nothing is released. ``sweep`` records parcels whose result never
+came, so the audit trail has no holes. Decision parts are saved on disk as soon as a parcel is
+decided (``keep``), and tracked so that a stop can wait for them (``drain``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import structlog
 
 from agent.central import messages
-from agent.central.outbox import OutboxPublisher
+from agent.central.outbox import Entry, OutboxPublisher
 from agent.pipeline.parcel import Parcel, decision_key
 from agent.pipeline.records import RecordJob, parcel_record, result_part
 from agent.pipeline.state import LineState
@@ -32,6 +33,8 @@ __all__ = ["Recorder"]
 
 #: records kept in memory for ``sortgate status`` (newest last)
 RECENT = 20
+#: at most this many queued records (and alarms, marks) are committed in one transaction
+COMMIT_BATCH = 64
 
 
 class Recorder:
@@ -147,33 +150,34 @@ class Recorder:
             await asyncio.gather(*(asyncio.wrap_future(f) for f in list(self._saving)), return_exceptions=True)
 
     async def run(self) -> None:
-        """Commit records to the outbox in order. While it cannot store, nothing is released."""
+        """Commit records to the outbox in order, all those queued meanwhile in one transaction
+        (a batch of results costs one fsync). While it cannot store, nothing is released."""
         root = self.state.cfg.topic_root
         while True:
             self.alive = time.monotonic()
             self._waiting = True  # waiting for work is not being stuck (and needs no timer)
-            job = await self._jobs.get()
-            self._waiting, self.alive = False, time.monotonic()  # its turn starts now, not when it began to wait
-            while True:
+            jobs = [await self._jobs.get()]
+            while len(jobs) < COMMIT_BATCH and not self._jobs.empty():
+                jobs.append(self._jobs.get_nowait())
+            self._waiting = False  # its turn starts now, not when it began to wait
+            size = len(jobs)
+            while jobs:
                 self.alive = time.monotonic()
+                take = jobs[:size]
                 try:
-                    await self._commit(job, root)
-                    self._stored()
-                    if job.done_decision is not None:
-                        self._queued.discard(job.done_decision)
-                    break
+                    await self.publisher.put_many([_entry(job, root) for job in take])
                 except Exception as exc:  # noqa: BLE001 - OutboxFull, a disk error: any failure stops releases
+                    if len(take) > 1:  # all or nothing: near the budget some may still fit, one at a time
+                        size = 1
+                        continue
                     self._store_failed(exc)
                     await asyncio.sleep(0.5)
-
-    async def _commit(self, job: RecordJob, root: str) -> None:
-        if job.boot is not None and job.cursor is not None:  # a mark, no message
-            await self.publisher.outbox.set_cursors({job.cursor[0]: job.cursor[1], "controller_boot": job.boot})
-            return
-        await self.publisher.put(
-            job.record_id, messages.topic(root, job.leaf), job.payload,
-            cursor=job.cursor, done_decision=job.done_decision,
-        )
+                    continue
+                self._stored()
+                for job in take:
+                    if job.done_decision is not None:
+                        self._queued.discard(job.done_decision)
+                jobs = jobs[len(take):]
 
     def _stored(self) -> None:
         s = self.state
@@ -190,3 +194,11 @@ class Recorder:
             s.outbox_ok = False
             s.set_problems(s.problems)
             s.alarms.condition("outbox_full", True, f"records cannot be stored: {exc}")
+
+
+def _entry(job: RecordJob, root: str) -> Entry:
+    """The outbox's entry for a job: a message with the cursor it advances, or a mark (cursors only)."""
+    if job.boot is not None and job.cursor is not None:
+        return Entry(cursors=(job.cursor, ("controller_boot", job.boot)))
+    return Entry(job.record_id, messages.topic(root, job.leaf), job.payload,
+                 (job.cursor,) if job.cursor else (), job.done_decision)

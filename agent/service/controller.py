@@ -177,13 +177,13 @@ class ControllerSupervisor:
         self._heads = (status.trigger_head, start)
         return start
 
-    async def _read_results(self, done_up_to: int, head: int) -> int:
-        """Hand every result after ``done_up_to`` to the line; returns the new position."""
+    def _take_results(self, done_up_to: int, head: int, entries: dict[int, c.ResultEntry]) -> int:
+        """Hand every result after ``done_up_to`` to the line (``entries``: the slots the I/O
+        thread read for them); returns the new position."""
         rseqs = c.ring_entries_between(done_up_to, head, c.RESULT_RING_LEN)
         missed = c.seq_distance(done_up_to, head) - len(rseqs)
         if missed > 0:
             self.pipeline.results_lost(missed)
-        entries = await self.link.read_results(rseqs)
         for rseq in rseqs:
             entry = entries.get(rseq)
             if entry is None:
@@ -245,6 +245,7 @@ class ControllerSupervisor:
             heartbeat_s=cc.heartbeat_interval_ms / 1000,
             heartbeat=status.agent_heartbeat,  # continue from the register: the first write is a change
             speed=self.speed, results_read=result_head, prev_sent=time.monotonic(),
+            read_results=self.link.t_read_results,
         )
         self._polls.clear()
         self._poller = poller
@@ -294,11 +295,10 @@ class ControllerSupervisor:
         if status.trigger_head != trigger_head:
             await self._read_triggers(trigger_head, status, poll.cps, now, poll.prev_sent)
             trigger_head = status.trigger_head
-        if poll.results_due and status.result_head != result_head:
-            # results are not urgent (a record, not a decision): read in batches (the poller's rule)
-            result_head = await self._read_results(result_head, status.result_head)
-            if self._poller is not None:
-                self._poller.read_up_to(result_head)
+        if poll.results is not None:
+            # results are not urgent (a record, not a decision): read in batches with a poll (the
+            # poller's rule), on the I/O thread
+            result_head = self._take_results(result_head, status.result_head, poll.results)
         self._heads = (trigger_head, result_head)
         self.pipeline.on_poll(poll.sent, now, poll.prev_sent, status.encoder, poll.cps)
         if self._poller is not None:

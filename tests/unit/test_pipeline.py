@@ -174,3 +174,43 @@ async def test_records_match_the_published_schema() -> None:
         VALIDATOR.validate(rec)
     assert part["reads"][1]["problem"] == "ambiguous" and part["decision"]["reasons"] == ["read_ambiguous"]
     assert decision_part(parcel(), ["top"], None)["decision"] is None  # undecided: no decision half
+
+
+async def test_records_queued_together_are_committed_together_and_one_by_one_near_the_budget(
+    tmp_path: Path,
+) -> None:
+    from agent.central.outbox import Outbox, OutboxPublisher
+    from agent.pipeline.recorder import Recorder
+
+    outbox = Outbox(tmp_path / "o.sqlite", max_records=4)
+    state = LineState(config(), Alarms())
+    recorder = Recorder(state, OutboxPublisher(outbox, lambda topic, payload: None), "cfg")
+    commits: list[int] = []
+    add_many = outbox.add_many
+
+    async def counted(entries: Any) -> Any:
+        commits.append(len(entries))
+        return await add_many(entries)
+
+    outbox.add_many = counted  # type: ignore[method-assign]
+    task = asyncio.create_task(recorder.run())
+    try:
+        for i in range(3):
+            recorder.queue_message(f"r{i}", "findings", b'{"n": %d}' % i)
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if outbox.count() == 3:
+                break
+        assert outbox.count() == 3 and commits == [3]  # three queued in one turn: one transaction
+        for i in range(3, 6):
+            recorder.queue_message(f"r{i}", "findings", b'{"n": %d}' % i)
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if not state.outbox_ok:
+                break
+        # the three do not fit whole; one at a time, the first does, the next waits (releases stop)
+        assert outbox.count() == 4 and commits[1:4] == [3, 1, 1] and not state.outbox_ok
+        assert [row[1] for row in outbox.fetch_after(0, 10)] == ["sortgate/T/L1/findings"] * 4
+    finally:
+        task.cancel()
+        outbox.close()

@@ -26,13 +26,18 @@ class Line:
 
     def __init__(self, **kw: float) -> None:
         self.got: list[Poll] = []
+        self.result_reads: list[list[int]] = []  # the RSEQs the poller read results for
         self.poller = Poller(
             idle_s=0.02, min_gap_s=0.005, heartbeat_s=0.1, heartbeat=7, speed=SpeedEstimator(),
-            results_read=0, prev_sent=0.0, deliver=self.got.append, **kw,
+            results_read=0, prev_sent=0.0, deliver=self.got.append, read_results=self.read_results, **kw,
         )
         self.t = 0.0
         self.hb = 1
         self.encoder = 0
+
+    def read_results(self, rseqs: list[int]) -> dict[int, c.ResultEntry]:
+        self.result_reads.append(list(rseqs))
+        return {r: c.ResultEntry(r, 100 + r, 5000, 2, 2, int(c.Disposition.SORTED)) for r in rseqs}
 
     def poll(self, **regs: int) -> bool:
         """One poll at the poller's own schedule; returns whether it was handed over."""
@@ -87,11 +92,12 @@ def test_results_are_handed_over_in_batches_or_after_a_delay() -> None:
     start = line.t
     while line.t - start < RESULT_DELAY_S - 0.02:
         assert not line.poll(result_head=3)
-    assert line.poll(result_head=3) and line.got[-1].results_due
-    line.poller.read_up_to(3)  # the loop read them
-    assert not line.poll(result_head=3)
+    assert line.poll(result_head=3) and line.result_reads == [[1, 2, 3]]  # read on the thread, handed over
+    assert sorted(line.got[-1].results or {}) == [1, 2, 3]
+    assert not line.poll(result_head=3)  # not again
     assert line.poll(result_head=3 + RESULT_BATCH)  # a full batch: at once
-    assert line.got[-1].results_due
+    assert line.result_reads[-1] == list(range(4, 4 + RESULT_BATCH))
+    assert not line.poll(result_head=3 + RESULT_BATCH) and line.got[-1].results is not None
 
 
 def test_a_wanted_poll_is_sent_then_and_handed_over() -> None:
@@ -142,7 +148,7 @@ def test_a_heartbeat_due_before_the_next_idle_poll_brings_the_poll_forward() -> 
     """With a slow idle poll (idle_poll_ms above heartbeat_interval_ms) the heartbeat still
     reaches the controller every interval, under the lease only."""
     p = Poller(idle_s=0.5, min_gap_s=0.005, heartbeat_s=0.1, heartbeat=0, speed=SpeedEstimator(),
-               results_read=0, prev_sent=0.0)
+               results_read=0, prev_sent=0.0, read_results=lambda rseqs: {})
     p.renew(10.0)
     p.next_heartbeat(1.0)
     p.turn(block(ctrl_heartbeat=1), 1.0, 1.001)

@@ -241,3 +241,26 @@ async def test_the_journal_keeps_parcel_records_and_findings_not_alarms_and_is_b
     assert await o.prune_journal(older_than_s=0.0, max_rows=1000, batch=400) == 400  # age, a batch at a time
     assert o.count() == 1203  # the outbox itself is untouched: the journal is a copy
     o.close()
+
+
+async def test_entries_added_together_commit_all_or_nothing_in_order(tmp_path: Path) -> None:
+    from agent.central.outbox import Entry, OutboxFull
+
+    outbox = Outbox(tmp_path / "o.sqlite", max_records=3, max_bytes=1000)
+    try:
+        await outbox.save_decision("1:10", b"{}")
+        rows = await outbox.add_many([
+            Entry("r1", "t/parcels", b'{"n": 1}', (("results", 1),), "1:10"),
+            Entry(cursors=(("results", 0), ("controller_boot", 9))),  # a mark: cursors alone
+            Entry("r2", "t/alarms", b'{"n": 2}'),
+        ])
+        assert rows[0] is not None and rows[1] is None and rows[2] == rows[0] + 1
+        assert outbox.cursor("results") == 0 and outbox.cursor("controller_boot") == 9  # applied in order
+        assert outbox.load_decision("1:10") is None and outbox.count() == 2
+        with pytest.raises(OutboxFull):  # two more do not fit a budget of three: neither is stored
+            await outbox.add_many([Entry("r3", "t", b"x"), Entry("r4", "t", b"y")])
+        assert [r for _, r, _ in outbox.fetch_after(0, 10)] == ["t/parcels", "t/alarms"]
+        await outbox.add_many([Entry("r3", "t", b"x")])  # one still fits
+        assert outbox.count() == 3
+    finally:
+        outbox.close()
