@@ -258,7 +258,7 @@ class Intake:
         if not p.read_settled and not self.matcher.expect(p.seq):
             p.read_settled = True
         if p.read_settled and (p.image_done or self.vision is None or self.image_seq is None):
-            p.all_read.set()
+            p.settled()
 
     def _apply(self, events: Sequence[Outcome | Note]) -> None:
         for ev in events:

@@ -7,6 +7,7 @@ each other.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,6 +37,7 @@ class Parcel:
     last_input_at: float = 0.0
     read_settled: bool = False  # every reader has given its final answer
     all_read: asyncio.Event = field(default_factory=asyncio.Event)
+    when_read: Callable[[Parcel], None] | None = None  # called once, when ``settled`` sets all_read
     verdict: VerdictLookup | None = None
     decision: Decision | None = None
     decided_at: float | None = None
@@ -54,6 +56,13 @@ class Parcel:
     image_done: bool = False  # the image source has answered (an image, or a time-out)
     image: ImageResult | None = None
     image_kept: str | None = None
+
+    def settled(self) -> None:
+        """Every source has given its final answer: set ``all_read`` and call ``when_read`` (once)."""
+        self.all_read.set()
+        when, self.when_read = self.when_read, None
+        if when is not None:
+            when(self)
 
     @property
     def key(self) -> str:

@@ -3,7 +3,8 @@
 For every trigger one short task runs:
 
 1. wait until every reader has given its final answer for the trigger (``Intake``), never past the
-   parcel's deadline less the safety margin and a reserve for what follows;
+   parcel's deadline less the safety margin and a reserve for what follows (the task starts only
+   then: a parcel waiting for its reads costs a timer, not a task);
 2. identify the one valid waybill and look its verdict up in the local store, or ask central for
    it within what is left of the deadline;
 3. check the X-ray image within what is left;
@@ -74,12 +75,35 @@ class ParcelRunner:
         self.margin_s = cfg.decision.safety_margin_ms / 1000
         self._cmd_counter = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: dict[int, asyncio.TimerHandle] = {}  # parcels whose reads are not final yet
 
     def continue_from(self, counter: int) -> None:
         """The next command counter follows ``counter`` (the controller's last acknowledged)."""
         self._cmd_counter = counter
 
     def start(self, p: Parcel) -> None:
+        """Run the parcel's task once its reads are final (``Parcel.settled``), or when the wait
+        for them must end (then ``run`` gives up on what is still open). Until then the parcel
+        costs no task: only a timer."""
+        if p.all_read.is_set():
+            self._spawn(p)
+            return
+        timer = asyncio.get_running_loop().call_later(max(0.0, self._left(p)), self._wait_over, p)
+        self._waiting[p.seq] = timer
+        p.when_read = self._read
+
+    def _read(self, p: Parcel) -> None:
+        timer = self._waiting.pop(p.seq, None)
+        if timer is not None:
+            timer.cancel()
+        self._spawn(p)
+
+    def _wait_over(self, p: Parcel) -> None:
+        self._waiting.pop(p.seq, None)
+        p.when_read = None
+        self._spawn(p)
+
+    def _spawn(self, p: Parcel) -> None:
         task = asyncio.create_task(self.run(p), name=f"parcel-{p.seq}")
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -94,6 +118,9 @@ class ParcelRunner:
 
     async def stop(self) -> None:
         """A clean stop: cancel the parcels in flight (the controller defaults them) and wait."""
+        for timer in self._waiting.values():
+            timer.cancel()
+        self._waiting.clear()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

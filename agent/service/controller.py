@@ -58,6 +58,8 @@ class ControllerSupervisor:
         self._poller: Poller | None = None
         self._polls: deque[Poll | Exception] = deque()
         self._woken = Nudge()
+        self._busy = False  # the session task is taking a poll (others queue behind it)
+        self._told_fc23 = False
         self._status: tuple[c.Status, float] | None = None  # before a poller runs
         # why and since when the link is down
         self.error: str | None = "not connected yet"
@@ -236,7 +238,6 @@ class ControllerSupervisor:
         cc = self.cfg.controller
         status = await self._measure_speed()
         result_head = await self._resume(status)
-        trigger_head = status.trigger_head
         # Triggers up to this head are not ours to decide (they default); frames of theirs may still
         # arrive, so the matcher must not take any trigger before this moment as known.
         self.pipeline.new_session(time.monotonic(), status.ack_counter)
@@ -248,12 +249,12 @@ class ControllerSupervisor:
             read_results=self.link.t_read_results,
         )
         self._polls.clear()
+        self._busy = self._told_fc23 = False
         self._poller = poller
         self.keep_alive(time.monotonic())
-        self.link.start_polling(poller, self._handed_over)
+        self.link.start_polling(poller, lambda poll: self._handed_over(poller, poll))
         self.pipeline.intake.ask_poll = self.link.poll_at
         self.connected.set()
-        told_fc23 = False
         try:
             while True:
                 await self._woken.wait()
@@ -262,19 +263,42 @@ class ControllerSupervisor:
                     poll = self._polls.popleft()
                     if isinstance(poll, Exception):
                         raise poll
-                    trigger_head, result_head = await self._take(poll, trigger_head, result_head)
-                if self.link.fc23 is False and not told_fc23:
-                    told_fc23 = True
-                    log.info("controller does not implement function 23: writes and reads go separately")
+                    self._busy = True
+                    try:
+                        self._check_restart(poll.status)
+                        entries = self._carried_triggers(poll.status)
+                        if entries is None:
+                            entries = await self._read_triggers(poll.status)
+                        self._take(poll, entries)
+                    finally:
+                        self._busy = False
         finally:
             self.pipeline.intake.ask_poll = _no_poll
             self._status = poller.latest
             self._poller = None
 
-    def _handed_over(self, poll: Poll | Exception) -> None:
-        """Event loop: a poll from the I/O thread, or the error that ended polling (in order)."""
-        self._polls.append(poll)
-        self._woken.set()
+    def _handed_over(self, poller: Poller, poll: Poll | Exception) -> None:
+        """Event loop: a poll from the I/O thread, or the error that ended polling (in order).
+        A poll that needs no read of its own (most do not: the status block carries the newest
+        trigger) is taken here and now, without a turn of the session task; others, and any
+        poll behind one still being taken, wait for the task in order."""
+        if poller is not self._poller:
+            return  # a poll of a session that has ended
+        if isinstance(poll, Exception) or self._polls or self._busy:
+            self._polls.append(poll)
+            self._woken.set()
+            return
+        try:
+            self._check_restart(poll.status)
+            entries = self._carried_triggers(poll.status)
+            if entries is None:
+                self._polls.append(poll)  # new triggers to read: the task does it
+                self._woken.set()
+                return
+            self._take(poll, entries)
+        except Exception as exc:  # noqa: BLE001 - the session task ends with it, as if it had taken the poll
+            self._polls.append(exc)
+            self._woken.set()
 
     def keep_alive(self, now: float) -> None:
         """The agent is whole (called at each housekeeping turn, after the vital tasks are
@@ -285,15 +309,22 @@ class ControllerSupervisor:
         if self._poller is not None and self.healthy():
             self._poller.renew(now + self.lease_s)
 
-    async def _take(self, poll: Poll, trigger_head: int, result_head: int) -> tuple[int, int]:
-        """One poll the line has a use for: problems, new triggers, due results, the horizon."""
+    def _take(self, poll: Poll, entries: dict[int, c.TriggerEntry]) -> None:
+        """One poll the line has a use for (its new triggers' ``entries`` in hand): problems, new
+        triggers, due results, the horizon."""
         status, now = poll.status, poll.seen
-        self._check_restart(status)
+        trigger_head, result_head = self._heads or (status.trigger_head, 0)
         self.pipeline.set_lane_full(status.lane_full_bits, self._per_lane)
         problems = status.problems(self.cfg.default_lane if self._per_lane else None)
         self.pipeline.set_problems(problems + (("controller_frozen",) if poll.frozen else ()))
         if status.trigger_head != trigger_head:
-            await self._read_triggers(trigger_head, status, poll.cps, now, poll.prev_sent)
+            seqs = c.ring_entries_between(trigger_head, status.trigger_head, c.TRIGGER_RING_LEN)
+            if c.seq_distance(trigger_head, status.trigger_head) > len(seqs):
+                self.pipeline.state.metrics.count("trigger_ring_overruns")
+                log.error("trigger ring overrun: parcels missed (they default to inspection)")
+            for seq in seqs:
+                if seq in entries:
+                    self.pipeline.on_trigger(entries[seq], status.encoder, poll.cps, now, poll.prev_sent)
             trigger_head = status.trigger_head
         if poll.results is not None:
             # results are not urgent (a record, not a decision): read in batches with a poll (the
@@ -306,22 +337,28 @@ class ControllerSupervisor:
             self._poller.follow(intake.next_trailing(status.encoder))
             if (at := intake.wanted_poll()) is not None:  # inputs still wait: the poll that resolves them
                 self.link.poll_at(at)
-        return trigger_head, result_head
+        if self.link.fc23 is False and not self._told_fc23:
+            self._told_fc23 = True
+            log.info("controller does not implement function 23: writes and reads go separately")
 
-    async def _read_triggers(self, head: int, status: c.Status, cps: float, now: float, prev_sent: float) -> None:
-        seqs = c.ring_entries_between(head, status.trigger_head, c.TRIGGER_RING_LEN)
-        if c.seq_distance(head, status.trigger_head) > len(seqs):
-            self.pipeline.state.metrics.count("trigger_ring_overruns")
-            log.error("trigger ring overrun: parcels missed (they default to inspection)")
+    def _carried_triggers(self, status: c.Status) -> dict[int, c.TriggerEntry] | None:
+        """The entries of the triggers new in this poll when it carries them itself (none new, or
+        one: the newest trigger is in the status block, contract 1.2); None: they must be read."""
+        trigger_head = self._heads[0] if self._heads else status.trigger_head
+        if status.trigger_head == trigger_head:
+            return {}
         newest = status.newest_trigger
-        if seqs == [status.trigger_head] and newest is not None and newest.seq == status.trigger_head:
-            entries = {newest.seq: newest}  # one new trigger, already in the poll (contract 1.2)
-        else:
-            loop = self.pipeline.state.plan.recirculation_lane is not None
-            entries = await self.link.read_triggers(seqs, prev=loop)
-        for seq in seqs:
-            if seq in entries:
-                self.pipeline.on_trigger(entries[seq], status.encoder, cps, now, prev_sent)
+        if (newest is not None and newest.seq == status.trigger_head
+                and c.seq_distance(trigger_head, status.trigger_head) == 1):
+            return {newest.seq: newest}
+        return None
+
+    async def _read_triggers(self, status: c.Status) -> dict[int, c.TriggerEntry]:
+        """The trigger-ring entries new in this poll, read from the ring."""
+        trigger_head = self._heads[0] if self._heads else status.trigger_head
+        seqs = c.ring_entries_between(trigger_head, status.trigger_head, c.TRIGGER_RING_LEN)
+        loop = self.pipeline.state.plan.recirculation_lane is not None
+        return await self.link.read_triggers(seqs, prev=loop)
 
 
 def _no_poll(at: float) -> None:

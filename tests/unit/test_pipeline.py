@@ -116,6 +116,25 @@ async def test_reads_not_final_by_the_deadline_are_given_up_and_the_parcel_inspe
     assert "reader_timeout" in kept[0][1]["decision"]["reasons"]
 
 
+async def test_a_started_parcel_runs_when_its_reads_settle_or_when_the_wait_must_end() -> None:
+    lanes = Lanes()
+    r, _, kept, gave_up = runner(lanes, Verdicts({CODE: "release"}))
+    read, silent = parcel(seq=7, deadline_in_s=0.5), parcel(seq=8, deadline_in_s=0.06)
+    r.start(read)
+    r.start(silent)
+    await asyncio.sleep(0.01)
+    assert lanes.sent == [] and not kept  # no reads yet: nothing decided
+    read.reads = both_read()
+    read.settled()  # the intake's word: every source has answered
+    for _ in range(100):
+        await asyncio.sleep(0.005)
+        if len(kept) == 2:
+            break
+    assert lanes.sent == [(7, 2), (8, 1)]  # the read one released first; the silent one at its time
+    assert gave_up == [silent] and "reader_timeout" in kept[1][1]["decision"]["reasons"]
+    assert read.when_read is None and silent.when_read is None
+
+
 async def test_a_lookup_slower_than_the_deadline_is_a_timeout_and_inspection() -> None:
     asked: list[float] = []
 
