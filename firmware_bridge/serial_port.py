@@ -9,6 +9,7 @@ jittered doubling delay up to a cap (``backoff.Backoff``); the failure is report
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 
@@ -22,6 +23,9 @@ from firmware_bridge.serial_line import SerialLine
 __all__ = ["ReaderPort"]
 
 READER_DEFAULT = SerialLine()  # 9600 8N1, the usual reader setting
+
+#: bytes taken per read (a reader frame is tens of bytes; more wait for the next read)
+READ_SIZE = 4096
 
 _PARITY = {"N": serial.PARITY_NONE, "E": serial.PARITY_EVEN, "O": serial.PARITY_ODD}
 
@@ -91,18 +95,26 @@ class ReaderPort:
         if port is None:
             return
         try:
-            data = port.read(max(port.in_waiting, 1))
-        except (serial.SerialException, OSError) as exc:
-            self._on_state(self.name, False, f"read failed: {exc}")
-            if self._failed:
-                self._failed.set()
+            # the descriptor is non-blocking (pyserial opens it so) and ready: one read, without
+            # pyserial's select and size query around it
+            data = os.read(port.fileno(), READ_SIZE)
+        except BlockingIOError:
             return
-        if not data:
+        except (serial.SerialException, OSError) as exc:
+            self._fail(f"read failed: {exc}")
+            return
+        if not data:  # ready but nothing to read: the device went away
+            self._fail("read failed: the device reports data but returns none (disconnected?)")
             return
         now = time.monotonic()
         self.bytes_in += len(data)
         for event in self.decoder.feed(data):
             self._on_event(self.name, event, now)
+
+    def _fail(self, why: str) -> None:
+        self._on_state(self.name, False, why)
+        if self._failed:
+            self._failed.set()
 
     def _close(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._port is not None:
