@@ -183,8 +183,16 @@ class Matcher(CounterRules):
         return out
 
     def next_close(self) -> float | None:
-        """When the earliest open window closes (``advance`` after it will close it), or None."""
-        return self._closing[0][0] if self._closing else None
+        """When the earliest open window closes (``advance`` after it will close it); None when
+        no window is open, or while a held frame that arrived before that close waits for the
+        horizon (the window stays open until the frame has resolved, and the poll that resolves
+        it is the moment to look again, not a timer)."""
+        if not self._closing:
+            return None
+        at = self._closing[0][0]
+        if any(src.held and src.held[0][1] <= at for src in self.sources.values()):
+            return None
+        return at
 
     def holding(self) -> bool:
         """Frames wait for the horizon (a controller poll would let them resolve)."""

@@ -292,3 +292,18 @@ def test_a_run_of_orphans_makes_a_reader_unmatched_until_it_matches_cleanly_agai
     assert out[0].unmatched  # its parcels are inspected while it is unmatched
     assert "matched" in notes(events)
     assert not out[-1].unmatched
+
+
+def test_no_close_is_due_while_a_held_frame_could_still_fall_in_the_window() -> None:
+    """A window cannot close while a frame that arrived inside it waits for the horizon (``advance``
+    keeps it open), so no timer may be set for it: it would fire again and again until the poll
+    that lets the frame resolve comes. The close is due again once the frame has resolved."""
+    m = matcher()
+    trig(m, 1, 1.000)  # window 1.010..1.030
+    assert m.next_close() == 1.030
+    m.add_frame("r1", F(b"A"), 1.020)  # held: the horizon is still 1.0005
+    assert m.holding() and outcomes(m.advance(1.050)) == {}  # past the close, but the frame waits
+    assert m.next_close() is None  # the poll that resolves the frame brings the close, not a timer
+    m.set_horizon(1.020)
+    out = outcomes(m.advance(1.050))
+    assert out[1].status == "read" and m.next_close() is None

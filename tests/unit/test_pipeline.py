@@ -233,3 +233,33 @@ async def test_records_queued_together_are_committed_together_and_one_by_one_nea
     finally:
         task.cancel()
         outbox.close()
+
+
+async def test_a_frame_waiting_for_the_poll_past_its_window_close_does_not_spin_the_loop() -> None:
+    """The controller's polls stop (a link down, say) while a reader frame waits for the horizon:
+    the intake sets no timer that could not close anything (it used to fire at once, again and
+    again, until a poll came)."""
+    from agent.pipeline.intake import Intake
+    from firmware_bridge.reader_codec import Frame
+
+    state = LineState(config(), Alarms())
+    state.identity = c.Identity(c.MAGIC, 1, 2, (1, 0, 0), 1000, 4, 4, 500, 16, 64, 3000, 1)
+    started: list[Parcel] = []
+    intake = Intake(state, None, started.append)
+    now = time.monotonic()
+    intake.new_session(now - 1.0)
+    intake.on_trigger(c.TriggerEntry(5, 1000, 0), 1000, 3000.0, now, now - 0.02)  # unmeasured
+    intake.on_poll(now, now, now - 0.02, 1000, 3000.0)
+    ticks = 0
+    tick = intake.tick
+
+    def counted(t: float) -> None:
+        nonlocal ticks
+        ticks += 1
+        tick(t)
+
+    intake.tick = counted  # type: ignore[method-assign]
+    intake.on_reader_event("top", Frame(("RB123456785GB",), False, b"RB123456785GB"), now + 0.05)  # no poll follows
+    await asyncio.sleep(0.5)  # every window of the parcel has closed on the clock meanwhile
+    assert ticks <= 3
+    assert not started[0].all_read.is_set()  # the held frame waits; the parcel's own deadline ends the wait
