@@ -42,7 +42,7 @@ __all__ = ["FROZEN_S", "RESULT_BATCH", "RESULT_DELAY_S", "Poll", "Poller", "Spee
 #: results waiting in the ring are read once this many have gathered, or this long after the
 #: first of them was seen (the ring holds RESULT_RING_LEN = 64)
 RESULT_BATCH = 16
-RESULT_DELAY_S = 0.25
+RESULT_DELAY_S = 0.5
 
 #: CTRL_HEARTBEAT changes at least every 100 ms while the controller program runs (contract 3.2);
 #: unchanged this long, the program has halted although Modbus still answers.
