@@ -12,9 +12,12 @@ own thread and wakes the event loop only for a poll it has a use for (``Poll``):
   (``read_results``) and hands them over with the poll, so a batch of results costs the loop one
   wake-up;
 * the loop asked for it: an input waits to learn which triggers exist (``want``: the first poll
-  sent at or after a given moment, brought forward to then, but at most once per ``min_gap_s``),
-  or a parcel's trailing edge passes the photo-eye (``follow``: the first poll whose encoder has
-  reached it).
+  sent at or after a given moment, brought forward to then, but at most once per ``min_gap_s``);
+* a parcel's trailing edge has passed the photo-eye (``follow``: the encoder counts to watch) and
+  ``hold_s`` has gone by without a poll handed over for another reason. Each poll handed over
+  carries the polls since the one before (``Poll.history``: when each was sent and answered, and
+  its encoder), so the loop places every edge between the two polls around it however late it
+  learns of it; the reader frame that follows an edge usually brings the poll that tells it.
 
 The agent heartbeat rides on every poll (function 23, contract 1.2; otherwise a write every
 ``heartbeat_s``) while the event loop holds a **lease**: the loop renews it at each of its
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +47,13 @@ __all__ = ["FROZEN_S", "RESULT_BATCH", "RESULT_DELAY_S", "Poll", "Poller", "Spee
 #: first of them was seen (the ring holds RESULT_RING_LEN = 64)
 RESULT_BATCH = 16
 RESULT_DELAY_S = 0.5
+
+#: polls kept for the loop between two handovers (at 20 ms: 5 s; a passed edge asks for a
+#: handover within ``hold_s``, so an edge's polls are always among them)
+HISTORY = 256
+#: an encoder count this far behind the belt is not an edge to come but one from before a
+#: controller restart (the loop forgets it)
+EDGE_PAST_MAX = 1 << 30
 
 #: CTRL_HEARTBEAT changes at least every 100 ms while the controller program runs (contract 3.2);
 #: unchanged this long, the program has halted although Modbus still answers.
@@ -96,7 +107,8 @@ class Poll:
     """One status poll handed to the loop: sent at ``sent``, answered at ``seen``; the poll before
     it (which showed none of this poll's new triggers) was sent at ``prev_sent``. ``results``: the
     result-ring entries read after it (keyed by RSEQ; read from the first not yet handed over up to
-    the poll's RESULT_HEAD), when results were due; else None."""
+    the poll's RESULT_HEAD), when results were due; else None. ``history``: (sent, seen,
+    encoder) of the poll handed over before this one, of every poll since, and of this one."""
 
     status: c.Status
     sent: float
@@ -105,6 +117,7 @@ class Poll:
     cps: float
     frozen: bool
     results: dict[int, c.ResultEntry] | None = None
+    history: tuple[tuple[float, float, int], ...] = ()
 
 
 class Poller:
@@ -119,10 +132,12 @@ class Poller:
         results_read: int,
         prev_sent: float,
         read_results: Callable[[Sequence[int]], dict[int, c.ResultEntry]],
+        hold_s: float = 0.0,
         deliver: Callable[[Poll], object] = lambda poll: None,
     ) -> None:
         """``results_read``: the RESULT_HEAD the loop has already taken; ``read_results``: reads the
-        result-ring slots of the given RSEQs (on the I/O thread, like ``turn``)."""
+        result-ring slots of the given RSEQs (on the I/O thread, like ``turn``); ``hold_s``: how
+        long a passed trailing edge may wait for a poll handed over for another reason."""
         self.idle_s, self.min_gap_s, self.heartbeat_s = idle_s, min_gap_s, heartbeat_s
         self.heartbeat = heartbeat  # the last value written (continued from the register)
         self.speed = speed
@@ -131,7 +146,8 @@ class Poller:
         self.results_read = results_read  # the I/O thread's: results up to here are handed over
         # set by the loop (single assignments)
         self.lease_until = 0.0
-        self.target: int | None = None  # deliver the first poll whose encoder reaches this count
+        self.targets: tuple[int, ...] = ()  # trailing edges to watch for (encoder counts)
+        self.hold_s = hold_s
         # the I/O thread's own
         self.next_at = 0.0  # the next poll is due
         self.prev_sent = prev_sent
@@ -142,15 +158,20 @@ class Poller:
         self._key: tuple[object, ...] | None = None  # what the loop last saw changing
         self._hb_seen = (-1, 0.0)  # CTRL_HEARTBEAT and when it last changed
         self._results_from: tuple[int, float] | None = None  # (results_read, first seen waiting)
+        # polls since the last one handed over (that one first): the loop places edges from them
+        self._history: deque[tuple[float, float, int]] = deque(maxlen=HISTORY)
+        self._noticed: set[int] = set()  # watched edges seen passed (each asks for a handover once)
+        self._noticed_in: tuple[int, ...] = ()  # the targets ``_noticed`` was last pruned to
+        self._edge_due: float | None = None  # hand over the first poll sent at or after this
 
     # --- the loop's side ----------------------------------------------------------------
     def renew(self, until: float) -> None:
         """The loop runs and every vital task with it: heartbeats until ``until``."""
         self.lease_until = until
 
-    def follow(self, target: int | None) -> None:
-        """After the loop has taken a poll: the next trailing edge to watch for."""
-        self.target = target
+    def follow(self, targets: tuple[int, ...]) -> None:
+        """After the loop has taken a poll: the trailing edges still to watch for."""
+        self.targets = targets
 
     # --- the I/O thread's side ----------------------------------------------------------
     def want(self, at: float) -> None:
@@ -194,18 +215,25 @@ class Poller:
         result_head = _U16.unpack_from(raw, _RESULT_HEAD)[0]
         due = self._results_due(result_head, seen)
         key = (raw[_BITS], raw[_TRIGGER_HEAD], raw[_LANE_FULL], raw[_BOOT], frozen)
-        target = self.target
+        here = (sent, seen, encoder)
+        self._history.append(here)
+        if self.targets:
+            self._watch(encoder, seen)
         wanted = self._wanted is not None and sent >= self._wanted
-        if (wanted or due or key != self._key
-                or (target is not None and c.encoder_delta(target, encoder) >= 0)):
+        edge = self._edge_due is not None and sent >= self._edge_due
+        if wanted or due or edge or key != self._key:
             if wanted:
                 self._wanted = None
+            self._edge_due = None  # the history below tells the loop of every edge passed so far
+            history = tuple(self._history)
+            self._history.clear()
+            self._history.append(here)
             self._key = key
             results = None
             if due:  # read here: the loop takes them with this poll
                 results = self.read_results(c.ring_entries_between(self.results_read, result_head, c.RESULT_RING_LEN))
                 self.results_read = result_head
-            self.deliver(Poll(c.Status.from_bytes(raw), sent, seen, self.prev_sent, cps, frozen, results))
+            self.deliver(Poll(c.Status.from_bytes(raw), sent, seen, self.prev_sent, cps, frozen, results, history))
         self.prev_sent = sent
         # the next poll at the idle period, or when a heartbeat that needs its own write is due,
         # or when a poll is wanted
@@ -214,6 +242,21 @@ class Poller:
             self.next_at = min(self.next_at, self._next_hb)
         if self._wanted is not None:
             self.next_at = min(self.next_at, max(self._wanted, sent + self.min_gap_s))
+        if self._edge_due is not None:
+            self.next_at = min(self.next_at, max(self._edge_due, sent + self.min_gap_s))
+
+    def _watch(self, encoder: int, seen: float) -> None:
+        """A watched trailing edge this poll shows passed (for the first time) asks for a handover
+        within ``hold_s``."""
+        targets = self.targets
+        if targets is not self._noticed_in:  # the loop has taken edges off: forget them here too
+            self._noticed.intersection_update(targets)
+            self._noticed_in = targets
+        for target in targets:
+            if target not in self._noticed and 0 <= c.encoder_delta(target, encoder) < EDGE_PAST_MAX:
+                self._noticed.add(target)
+                due = seen + self.hold_s
+                self._edge_due = due if self._edge_due is None else min(self._edge_due, due)
 
     def _frozen(self, ctrl_heartbeat: int, now: float) -> bool:
         value, since = self._hb_seen

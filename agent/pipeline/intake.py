@@ -1,9 +1,10 @@
 """Triggers, reader frames and X-ray images become one parcel's inputs.
 
 The controller supervisor hands each new trigger (``on_trigger``) and each poll it takes
-(``on_poll``: the encoder, so trailing edges can be placed, and the horizon of known triggers; it
-takes the polls that show the next trailing edge, ``next_trailing``, and asks for the poll that
-lets held inputs resolve, ``ask_poll`` and ``wanted_poll``); the reader ports hand
+(``on_poll``: the encoder and the polls since the last one taken, so trailing edges can be
+placed, and the horizon of known triggers; it has the poller watch the awaited trailing edges,
+``trailing_edges``, and asks for the poll that lets held inputs resolve, ``ask_poll`` and
+``wanted_poll``); the reader ports hand
 frames (``on_reader_event``), the image source images (``on_image``). ``Matcher`` (pure) decides
 which input belongs to which trigger; its outcomes land on the parcel (``Parcel.reads``,
 ``image_path``) and, once every source has answered, wake the parcel's task (``Parcel.all_read``).
@@ -26,6 +27,7 @@ from agent.pipeline.matching import Capture, Matcher, Note, Outcome, SourceSpec,
 from agent.pipeline.parcel import Parcel
 from agent.pipeline.state import LineState
 from firmware_bridge import contract as c
+from firmware_bridge.poller import EDGE_PAST_MAX
 from firmware_bridge.reader_codec import Event, FramingError
 
 if TYPE_CHECKING:  # OpenCV and LiteRT load only on lines that run the image check
@@ -184,18 +186,25 @@ class Intake:
         p.last_input_at = max(p.last_input_at, t)
         self._settle(p)
 
-    def on_poll(self, sent: float, now: float, prev_sent: float, encoder: int, speed_cps: float) -> None:
+    def on_poll(
+        self, sent: float, now: float, prev_sent: float, encoder: int, speed_cps: float,
+        history: Sequence[tuple[float, float, int]] = (),
+    ) -> None:
         """A status poll sent at ``sent`` returned at ``now`` (its triggers already handed over):
-        place the trailing edges the encoder has passed, and every trigger captured before
-        ``sent`` is known."""
+        place the trailing edges that have passed, and every trigger captured before ``sent`` is
+        known. ``history``: (sent, seen, encoder) of the polls since the last one taken (that one
+        first, this one last): an edge is placed between the poll before the first that shows it
+        passed and that poll, however much later the loop is told."""
         for seq, target in list(self._trailing.items()):
             past = c.encoder_delta(target, encoder)
-            if past >= 0:
-                del self._trailing[seq]
-                lo, hi = capture_interval(now, prev_sent - self.publish_s, past, speed_cps, self.publish_s)
-                self.matcher.set_trailing(seq, lo, hi)
-            elif past < -(1 << 30):  # a controller restart left it behind: forget it
-                del self._trailing[seq]
+            if past < 0:
+                if past < -EDGE_PAST_MAX:  # a controller restart left it behind: forget it
+                    del self._trailing[seq]
+                continue
+            del self._trailing[seq]
+            after, seen, past = _first_past(target, history, (prev_sent, now, past))
+            lo, hi = capture_interval(seen, after - self.publish_s, past, speed_cps, self.publish_s)
+            self.matcher.set_trailing(seq, lo, hi)
         self.matcher.set_horizon(sent - self.publish_s)
         self.tick(now)
         self._arm()
@@ -208,12 +217,17 @@ class Intake:
         need = self.matcher.wanted_horizon()
         return None if need is None else need + self.publish_s
 
-    def next_trailing(self, encoder: int) -> int | None:
-        """The encoder count at which the next parcel's trailing edge leaves the photo-eye (the
-        poll that shows it places that edge), or None when no edge is awaited."""
-        if not self._trailing:
-            return None
-        return min(self._trailing.values(), key=lambda target: c.encoder_delta(encoder, target))
+    def trailing_edges(self) -> tuple[int, ...]:
+        """The encoder counts at which awaited trailing edges leave the photo-eye (the poller
+        watches for them: a poll that shows one passed is handed over within ``edge_hold_s``)."""
+        return tuple(self._trailing.values())
+
+    @property
+    def edge_hold_s(self) -> float:
+        """How long a passed trailing edge may wait to be told: the shortest time from an edge to
+        its windows' close (a poll handed over then closes them), 0 without trailing-edge windows."""
+        spans = [s.max_s for s in self._sources if s.anchor == "trailing_edge"]
+        return min(spans) if spans else 0.0
 
     def tick(self, now: float) -> None:
         """Periodic: close read windows (and drop images that found no parcel)."""
@@ -319,3 +333,18 @@ class Intake:
 
 def _no_poll(at: float) -> None:
     """Without a controller session there is no poll to ask for."""
+
+
+def _first_past(
+    target: int, history: Sequence[tuple[float, float, int]], this: tuple[float, float, int],
+) -> tuple[float, float, int]:
+    """The first poll in ``history`` (sent, seen, encoder) that shows ``target`` passed: when the
+    poll before it was sent, when it was answered, and how far past it the encoder was then.
+    ``this``: the same for the poll being taken, when ``history`` is empty."""
+    for i in range(1, len(history)):
+        past = c.encoder_delta(target, history[i][2])
+        if past >= 0:
+            return history[i - 1][0], history[i][1], past
+    if history:  # passed by the poll taken before (a history cut short): the encoder's word alone
+        return float("-inf"), history[0][1], c.encoder_delta(target, history[0][2])
+    return this

@@ -246,7 +246,7 @@ class ControllerSupervisor:
             heartbeat_s=cc.heartbeat_interval_ms / 1000,
             heartbeat=status.agent_heartbeat,  # continue from the register: the first write is a change
             speed=self.speed, results_read=result_head, prev_sent=time.monotonic(),
-            read_results=self.link.t_read_results,
+            read_results=self.link.t_read_results, hold_s=self.pipeline.intake.edge_hold_s,
         )
         self._polls.clear()
         self._busy = self._told_fc23 = False
@@ -331,10 +331,10 @@ class ControllerSupervisor:
             # poller's rule), on the I/O thread
             result_head = self._take_results(result_head, status.result_head, poll.results)
         self._heads = (trigger_head, result_head)
-        self.pipeline.on_poll(poll.sent, now, poll.prev_sent, status.encoder, poll.cps)
+        self.pipeline.on_poll(poll.sent, now, poll.prev_sent, status.encoder, poll.cps, poll.history)
         if self._poller is not None:
             intake = self.pipeline.intake
-            self._poller.follow(intake.next_trailing(status.encoder))
+            self._poller.follow(intake.trailing_edges())
             if (at := intake.wanted_poll()) is not None:  # inputs still wait: the poll that resolves them
                 self.link.poll_at(at)
         if self.link.fc23 is False and not self._told_fc23:

@@ -114,13 +114,32 @@ def test_a_wanted_poll_is_sent_then_and_handed_over() -> None:
     assert line.poll()
 
 
-def test_the_poll_that_shows_a_trailing_edge_is_handed_over() -> None:
-    line = Line()
+def test_a_passed_trailing_edge_is_handed_over_within_the_hold_with_the_polls_around_it() -> None:
+    line = Line(hold_s=0.03)
     line.poll()
-    line.poller.follow(line.encoder + 150)  # 2.5 polls ahead
-    assert [line.poll() for _ in range(3)] == [False, False, True]
-    line.poller.follow(None)
+    target = line.encoder + 150  # 2.5 polls ahead
+    line.poller.follow((target,))
+    assert [line.poll() for _ in range(3)] == [False, False, False]  # passed at the third: held
+    crossed_at = line.t + 0.0005
+    assert line.poller.next_at == line.t + 0.02  # the hold ends after the next regular poll
+    assert [line.poll(), line.poll()] == [False, True]  # the first poll sent after the hold
+    history = line.got[-1].history
+    assert len(history) == 6 and history[-1][0] == line.t  # the last taken, the five since
+    first_past = next(i for i, h in enumerate(history) if h[2] >= target)
+    assert history[first_past][1] == crossed_at and history[first_past - 1][2] < target
+    assert not line.poll()  # the same edge asks once
+    line.poller.follow(())
     assert not line.poll()
+
+
+def test_a_passed_edge_rides_on_a_poll_handed_over_for_another_reason_and_asks_no_more() -> None:
+    line = Line(hold_s=0.05)
+    line.poll()
+    line.poller.follow((line.encoder + 30,))
+    assert not line.poll()  # passed: held
+    line.poller.want(line.t + 0.02)  # a reader frame asks for the next poll
+    assert line.poll() and line.got[-1].history[1][2] >= line.encoder - 60
+    assert [line.poll() for _ in range(5)] == [False] * 5  # the hold asked for nothing more
 
 
 def test_a_frozen_controller_program_is_handed_over_once_and_again_when_it_runs() -> None:
