@@ -75,7 +75,9 @@ class ParcelRunner:
         self.margin_s = cfg.decision.safety_margin_ms / 1000
         self._cmd_counter = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._waiting: dict[int, asyncio.TimerHandle] = {}  # parcels whose reads are not final yet
+        # the end of the wait of each parcel whose reads are not final yet, by id(parcel) (its
+        # trigger sequence may be a new session's parcel's too)
+        self._waiting: dict[int, asyncio.TimerHandle] = {}
 
     def continue_from(self, counter: int) -> None:
         """The next command counter follows ``counter`` (the controller's last acknowledged)."""
@@ -89,17 +91,17 @@ class ParcelRunner:
             self._spawn(p)
             return
         timer = asyncio.get_running_loop().call_later(max(0.0, self._left(p)), self._wait_over, p)
-        self._waiting[p.seq] = timer
+        self._waiting[id(p)] = timer
         p.when_read = self._read
 
     def _read(self, p: Parcel) -> None:
-        timer = self._waiting.pop(p.seq, None)
+        timer = self._waiting.pop(id(p), None)
         if timer is not None:
             timer.cancel()
         self._spawn(p)
 
     def _wait_over(self, p: Parcel) -> None:
-        self._waiting.pop(p.seq, None)
+        self._waiting.pop(id(p), None)
         p.when_read = None
         self._spawn(p)
 

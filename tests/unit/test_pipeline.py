@@ -135,6 +135,22 @@ async def test_a_started_parcel_runs_when_its_reads_settle_or_when_the_wait_must
     assert read.when_read is None and silent.when_read is None
 
 
+async def test_a_waiting_parcel_of_an_old_session_does_not_touch_a_new_one_with_the_same_sequence() -> None:
+    lanes = Lanes()
+    r, _, kept, _ = runner(lanes, Verdicts({CODE: "release"}))
+    old, new = parcel(seq=9, deadline_in_s=0.06), parcel(seq=9, deadline_in_s=0.5)  # a controller restart
+    r.start(old)
+    r.start(new)
+    await asyncio.sleep(0.1)  # the old one's wait ends: it is decided (inspection), once
+    assert lanes.sent == [(9, 1)]
+    new.reads = both_read()
+    new.settled()
+    await asyncio.sleep(0.05)
+    assert lanes.sent == [(9, 1), (9, 2)] and len(kept) == 2  # the new one once, when read
+    await asyncio.sleep(0.5)
+    assert len(lanes.sent) == 2  # and its own wait's end, cancelled, runs nothing more
+
+
 async def test_a_lookup_slower_than_the_deadline_is_a_timeout_and_inspection() -> None:
     asked: list[float] = []
 
