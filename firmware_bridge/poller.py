@@ -14,7 +14,9 @@ own thread and wakes the event loop only for a poll it has a use for (``Poll``):
 * the loop asked for it: an input waits to learn which triggers exist (``want``: the first poll
   sent at or after a given moment, brought forward to then, but at most once per ``min_gap_s``);
 * a parcel's trailing edge has passed the photo-eye (``follow``: the encoder counts to watch) and
-  ``hold_s`` has gone by without a poll handed over for another reason. Each poll handed over
+  the reader windows that start at it have closed (``edge_close``, the loop's rule), without a poll
+  handed over for another reason meanwhile: the poll handed over then lets the loop close them.
+  Each poll handed over
   carries the polls since the one before (``Poll.history``: when each was sent and answered, and
   its encoder), so the loop places every edge between the two polls around it however late it
   learns of it; the reader frame that follows an edge usually brings the poll that tells it.
@@ -49,7 +51,7 @@ RESULT_BATCH = 16
 RESULT_DELAY_S = 0.5
 
 #: polls kept for the loop between two handovers (at 20 ms: 5 s; a passed edge asks for a
-#: handover within ``hold_s``, so an edge's polls are always among them)
+#: handover when its windows close, so an edge's polls are always among them)
 HISTORY = 256
 #: an encoder count this far behind the belt is not an edge to come but one from before a
 #: controller restart (the loop forgets it)
@@ -132,12 +134,14 @@ class Poller:
         results_read: int,
         prev_sent: float,
         read_results: Callable[[Sequence[int]], dict[int, c.ResultEntry]],
-        hold_s: float = 0.0,
+        edge_close: Callable[[float, float, int, float], float] | None = None,
         deliver: Callable[[Poll], object] = lambda poll: None,
     ) -> None:
         """``results_read``: the RESULT_HEAD the loop has already taken; ``read_results``: reads the
-        result-ring slots of the given RSEQs (on the I/O thread, like ``turn``); ``hold_s``: how
-        long a passed trailing edge may wait for a poll handed over for another reason."""
+        result-ring slots of the given RSEQs (on the I/O thread, like ``turn``); ``edge_close``:
+        when the windows that start at a passed trailing edge close, from the poll that first
+        shows it passed (answered at, the previous poll sent at, counts past, counts per second;
+        a pure function: it runs on the I/O thread); None: a passed edge is handed over at once."""
         self.idle_s, self.min_gap_s, self.heartbeat_s = idle_s, min_gap_s, heartbeat_s
         self.heartbeat = heartbeat  # the last value written (continued from the register)
         self.speed = speed
@@ -147,7 +151,7 @@ class Poller:
         # set by the loop (single assignments)
         self.lease_until = 0.0
         self.targets: tuple[int, ...] = ()  # trailing edges to watch for (encoder counts)
-        self.hold_s = hold_s
+        self.edge_close = edge_close
         # the I/O thread's own
         self.next_at = 0.0  # the next poll is due
         self.prev_sent = prev_sent
@@ -218,7 +222,7 @@ class Poller:
         here = (sent, seen, encoder)
         self._history.append(here)
         if self.targets:
-            self._watch(encoder, seen)
+            self._watch(encoder, seen, cps)
         wanted = self._wanted is not None and sent >= self._wanted
         edge = self._edge_due is not None and sent >= self._edge_due
         if wanted or due or edge or key != self._key:
@@ -240,22 +244,22 @@ class Poller:
         self.next_at = sent + self.idle_s
         if sent < self.lease_until and self._next_hb > sent:
             self.next_at = min(self.next_at, self._next_hb)
-        if self._wanted is not None:
-            self.next_at = min(self.next_at, max(self._wanted, sent + self.min_gap_s))
-        if self._edge_due is not None:
-            self.next_at = min(self.next_at, max(self._edge_due, sent + self.min_gap_s))
+        for at in (self._wanted, self._edge_due):
+            if at is not None:
+                self.next_at = min(self.next_at, max(at, sent + self.min_gap_s))
 
-    def _watch(self, encoder: int, seen: float) -> None:
+    def _watch(self, encoder: int, seen: float, cps: float) -> None:
         """A watched trailing edge this poll shows passed (for the first time) asks for a handover
-        within ``hold_s``."""
+        when its windows close."""
         targets = self.targets
         if targets is not self._noticed_in:  # the loop has taken edges off: forget them here too
             self._noticed.intersection_update(targets)
             self._noticed_in = targets
         for target in targets:
-            if target not in self._noticed and 0 <= c.encoder_delta(target, encoder) < EDGE_PAST_MAX:
+            past = c.encoder_delta(target, encoder)
+            if target not in self._noticed and 0 <= past < EDGE_PAST_MAX:
                 self._noticed.add(target)
-                due = seen + self.hold_s
+                due = seen if self.edge_close is None else self.edge_close(seen, self.prev_sent, past, cps)
                 self._edge_due = due if self._edge_due is None else min(self._edge_due, due)
 
     def _frozen(self, ctrl_heartbeat: int, now: float) -> bool:

@@ -78,6 +78,8 @@ class Intake:
         self.max_parcel_m = cfg.line.max_parcel_mm / 1000
         self._sources = sources
         self.matcher = Matcher(sources, max_pass_s=1.0)
+        # the shortest span from a trailing edge to its windows' close (None: no such window)
+        self._edge_window_s = min((s.max_s for s in sources if s.anchor == "trailing_edge"), default=None)
         self.publish_s = cfg.controller.trigger_publish_ms / 1000
         self.trigger_hooks: list[Callable[[], None]] = []  # e.g. a capture source grabbing a frame
         self._trailing: dict[int, int] = {}  # seq -> encoder count at which its trailing edge passes
@@ -219,15 +221,18 @@ class Intake:
 
     def trailing_edges(self) -> tuple[int, ...]:
         """The encoder counts at which awaited trailing edges leave the photo-eye (the poller
-        watches for them: a poll that shows one passed is handed over within ``edge_hold_s``)."""
+        watches for them: a poll that shows one passed is handed over by ``edge_close``)."""
         return tuple(self._trailing.values())
 
-    @property
-    def edge_hold_s(self) -> float:
-        """How long a passed trailing edge may wait to be told: the shortest time from an edge to
-        its windows' close (a poll handed over then closes them), 0 without trailing-edge windows."""
-        spans = [s.max_s for s in self._sources if s.anchor == "trailing_edge"]
-        return min(spans) if spans else 0.0
+    def edge_close(self, seen: float, prev_sent: float, past: int, speed_cps: float) -> float:
+        """When the read windows that start at a trailing edge close, for the poll that first shows
+        the edge passed (answered at ``seen``, the poll before it sent at ``prev_sent``, ``past``
+        counts beyond it): the poll handed over then closes them (``on_poll`` places the edge from
+        the same poll). ``seen`` without such windows. Pure: the poller calls it on its thread."""
+        if self._edge_window_s is None:
+            return seen
+        _, hi = capture_interval(seen, prev_sent - self.publish_s, past, speed_cps, self.publish_s)
+        return hi + self._edge_window_s
 
     def tick(self, now: float) -> None:
         """Periodic: close read windows (and drop images that found no parcel)."""

@@ -184,15 +184,23 @@ class Matcher(CounterRules):
 
     def next_close(self) -> float | None:
         """When the earliest open window closes (``advance`` after it will close it); None when
-        no window is open, or while a held frame that arrived before that close waits for the
+        no window is open (one whose source has answered already is not: a counter's frame is
+        final at once), or while a held frame that arrived before that close waits for the
         horizon (the window stays open until the frame has resolved, and the poll that resolves
         it is the moment to look again, not a timer)."""
-        if not self._closing:
+        closing = self._closing
+        while closing and self._final(closing[0][2], closing[0][3]):
+            heapq.heappop(closing)  # answered before its window closed (a counter's frame): no close due
+        if not closing:
             return None
-        at = self._closing[0][0]
+        at = closing[0][0]
         if any(src.held and src.held[0][1] <= at for src in self.sources.values()):
             return None
         return at
+
+    def _final(self, seq: int, source: str) -> bool:
+        slot = self._slots.get((seq, source))
+        return slot is None or slot.status is not None
 
     def holding(self) -> bool:
         """Frames wait for the horizon (a controller poll would let them resolve)."""

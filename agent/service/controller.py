@@ -246,7 +246,7 @@ class ControllerSupervisor:
             heartbeat_s=cc.heartbeat_interval_ms / 1000,
             heartbeat=status.agent_heartbeat,  # continue from the register: the first write is a change
             speed=self.speed, results_read=result_head, prev_sent=time.monotonic(),
-            read_results=self.link.t_read_results, hold_s=self.pipeline.intake.edge_hold_s,
+            read_results=self.link.t_read_results, edge_close=self.pipeline.intake.edge_close,
         )
         self._polls.clear()
         self._busy = self._told_fc23 = False

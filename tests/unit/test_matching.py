@@ -307,3 +307,19 @@ def test_no_close_is_due_while_a_held_frame_could_still_fall_in_the_window() -> 
     m.set_horizon(1.020)
     out = outcomes(m.advance(1.050))
     assert out[1].status == "read" and m.next_close() is None
+
+
+def test_a_window_answered_before_it_closes_needs_no_close() -> None:
+    """An aligned counter's frame is final at once: nothing waits for that window's close, so
+    no timer is due for it (the trigger's other windows still are)."""
+    m = matcher(counter=True)
+    for seq, t, counter in ((1, 1.000, 11), (2, 1.100, 12)):  # two cycles align the counter
+        trig(m, seq, t)
+        frame(m, t + 0.020, b"A%d" % seq, counter)
+    assert m.sources["r1"].offset is not None
+    m.advance(1.200)
+    trig(m, 3, 1.300)
+    assert m.next_close() == 1.330
+    out = outcomes(frame(m, 1.320, b"A3", 13))
+    assert out[3].status == "read"  # at once, ten milliseconds before the window closes
+    assert m.next_close() is None

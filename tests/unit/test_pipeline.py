@@ -282,7 +282,7 @@ async def test_a_frame_waiting_for_the_poll_past_its_window_close_does_not_spin_
 
 
 def test_a_trailing_edge_told_late_is_placed_between_the_polls_around_it() -> None:
-    """The poller hands over a passed edge late (with a reader frame's poll, or after its hold):
+    """The poller hands over a passed edge late (with a reader frame's poll, or when its windows close):
     the polls since the last one taken place it where it passed, not where the loop learns of it."""
     from agent.pipeline.intake import Intake
 
@@ -295,10 +295,11 @@ def test_a_trailing_edge_told_late_is_placed_between_the_polls_around_it() -> No
     intake.on_trigger(c.TriggerEntry(5, 1000, 300), 1000, 3000.0, polls[0][1], t0 - 0.02)  # 300 mm long
     intake.on_poll(polls[0][0], polls[0][1], t0 - 0.02, 1000, 3000.0, polls[:1])
     assert intake.trailing_edges() == (1300,)
-    assert intake.edge_hold_s == 0.040  # the readers' windows (default 0..40 ms) end 40 ms after the edge
     intake.on_poll(polls[7][0], polls[7][1], polls[6][0], polls[7][2], 3000.0, polls)  # told two polls late
     opens, closes = intake.matcher._by_seq[5].windows["top"]
     # the edge passed at 100.100 (encoder 1300), between the polls sent at 100.08 and answered at 100.101
     assert 100.08 - 0.01 <= opens <= 100.100 + 0.001
     assert 100.100 + 0.040 <= closes <= 100.101 + 0.040
     assert intake.trailing_edges() == ()
+    # the poller asks for its handover when the windows close: the same moment, from the same poll
+    assert intake.edge_close(polls[5][1], polls[4][0], 0, 3000.0) == pytest.approx(closes)

@@ -4,6 +4,7 @@ the event loop is woken for, when the next poll is sent, and when the heartbeat 
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from firmware_bridge import contract as c
 from firmware_bridge.poller import FROZEN_S, RESULT_BATCH, RESULT_DELAY_S, Poll, Poller, SpeedEstimator
@@ -24,7 +25,7 @@ def block(**regs: int) -> bytes:
 class Line:
     """A poller fed polls at 20 ms, with what it hands over collected."""
 
-    def __init__(self, **kw: float) -> None:
+    def __init__(self, **kw: Any) -> None:
         self.got: list[Poll] = []
         self.result_reads: list[list[int]] = []  # the RSEQs the poller read results for
         self.poller = Poller(
@@ -115,14 +116,14 @@ def test_a_wanted_poll_is_sent_then_and_handed_over() -> None:
 
 
 def test_a_passed_trailing_edge_is_handed_over_within_the_hold_with_the_polls_around_it() -> None:
-    line = Line(hold_s=0.03)
+    line = Line(edge_close=lambda seen, prev_sent, past, cps: seen + 0.03)
     line.poll()
     target = line.encoder + 150  # 2.5 polls ahead
     line.poller.follow((target,))
     assert [line.poll() for _ in range(3)] == [False, False, False]  # passed at the third: held
     crossed_at = line.t + 0.0005
-    assert line.poller.next_at == line.t + 0.02  # the hold ends after the next regular poll
-    assert [line.poll(), line.poll()] == [False, True]  # the first poll sent after the hold
+    assert line.poller.next_at == line.t + 0.02  # its windows close after the next regular poll
+    assert [line.poll(), line.poll()] == [False, True]  # the first poll sent after they close
     history = line.got[-1].history
     assert len(history) == 6 and history[-1][0] == line.t  # the last taken, the five since
     first_past = next(i for i, h in enumerate(history) if h[2] >= target)
@@ -133,13 +134,13 @@ def test_a_passed_trailing_edge_is_handed_over_within_the_hold_with_the_polls_ar
 
 
 def test_a_passed_edge_rides_on_a_poll_handed_over_for_another_reason_and_asks_no_more() -> None:
-    line = Line(hold_s=0.05)
+    line = Line(edge_close=lambda seen, prev_sent, past, cps: seen + 0.05)
     line.poll()
     line.poller.follow((line.encoder + 30,))
     assert not line.poll()  # passed: held
-    line.poller.want(line.t + 0.02)  # a reader frame asks for the next poll
-    assert line.poll() and line.got[-1].history[1][2] >= line.encoder - 60
-    assert [line.poll() for _ in range(5)] == [False] * 5  # the hold asked for nothing more
+    assert line.poll(trigger_head=1)  # the next parcel's trigger
+    assert line.got[-1].history[1][2] >= line.encoder - 60  # the poll that showed the edge is in it
+    assert [line.poll(trigger_head=1) for _ in range(5)] == [False] * 5  # the edge asked for nothing more
 
 
 def test_a_frozen_controller_program_is_handed_over_once_and_again_when_it_runs() -> None:
