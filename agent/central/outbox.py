@@ -357,8 +357,18 @@ class OutboxPublisher:
         """A clean stop: delete the acknowledged rows now (a crash would only resend them)."""
         self._take_acks()
         if self._acked:
-            done, self._acked = self._acked, []
+            await self._remove_acked()
+
+    async def _remove_acked(self) -> None:
+        """Delete the acknowledged rows. A delete that fails (a full disk needs pages for it too)
+        keeps them for the next turn: they are the broker's already, and a restart before they
+        go only sends them again — never a reason to stop publishing."""
+        done, self._acked = self._acked, []
+        try:
             await self.outbox.remove(done)
+        except (OSError, sqlite3.Error) as exc:
+            self._acked = done + self._acked
+            log.warning("acknowledged records not deleted yet; trying again", rows=len(done), error=str(exc))
 
     def on_connected(self) -> None:
         # paho resends what it already holds; we only need to keep feeding it.
@@ -374,8 +384,7 @@ class OutboxPublisher:
             if self._acked and (
                 len(self._acked) >= REMOVE_BATCH or time.monotonic() - self._acked_since >= REMOVE_AFTER_S
             ):
-                done, self._acked = self._acked, []
-                await self.outbox.remove(done)
+                await self._remove_acked()
             room = self.window - len(self._inflight)
             if room <= 0:
                 continue

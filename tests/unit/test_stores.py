@@ -264,3 +264,41 @@ async def test_entries_added_together_commit_all_or_nothing_in_order(tmp_path: P
         assert outbox.count() == 3
     finally:
         outbox.close()
+
+
+async def test_a_delete_that_fails_keeps_the_rows_and_the_publisher_running(tmp_path: Path) -> None:
+    """A full disk refuses the delete of acknowledged rows too: the publisher goes on publishing
+    and deletes them once it can (it used to die, and the agent with it)."""
+    outbox = Outbox(tmp_path / "o.sqlite")
+    mids = iter(range(1, 1000))
+    sent: list[bytes] = []
+
+    def publish(topic: str, payload: bytes) -> int:
+        sent.append(payload)
+        return next(mids)
+
+    pub = OutboxPublisher(outbox, publish, window=REMOVE_BATCH + 10)
+    remove = outbox.remove
+    failures = [sqlite3.OperationalError("database or disk is full")]
+
+    async def flaky(rows: list[tuple[int, int]]) -> None:
+        if failures:
+            raise failures.pop()
+        await remove(rows)
+
+    outbox.remove = flaky  # type: ignore[method-assign]
+    task = asyncio.create_task(pub.run())
+    try:
+        for i in range(REMOVE_BATCH):
+            await pub.put(f"r{i}", "t/parcels", b"x")
+        await asyncio.sleep(0.05)
+        for mid in range(1, REMOVE_BATCH + 1):
+            pub.on_ack(mid)
+        await asyncio.sleep(0.05)
+        assert not failures and outbox.count() == REMOVE_BATCH and not task.done()  # refused, kept
+        await pub.put("late", "t/parcels", b"y")
+        await asyncio.sleep(REMOVE_AFTER_S + 0.2)
+        assert sent[-1] == b"y" and outbox.count() == 1  # published on, and the rows went at the next try
+    finally:
+        task.cancel()
+        outbox.close()
