@@ -115,12 +115,12 @@ def test_a_wanted_poll_is_sent_then_and_handed_over() -> None:
     assert line.poll()
 
 
-def test_a_passed_trailing_edge_is_handed_over_within_the_hold_with_the_polls_around_it() -> None:
+def test_a_passed_trailing_edge_is_handed_over_when_its_windows_close_with_the_polls_around_it() -> None:
     line = Line(edge_close=lambda seen, prev_sent, past, cps: seen + 0.03)
     line.poll()
     target = line.encoder + 150  # 2.5 polls ahead
     line.poller.follow((target,))
-    assert [line.poll() for _ in range(3)] == [False, False, False]  # passed at the third: held
+    assert [line.poll() for _ in range(3)] == [False, False, False]  # passed at the third: not yet told
     crossed_at = line.t + 0.0005
     assert line.poller.next_at == line.t + 0.02  # its windows close after the next regular poll
     assert [line.poll(), line.poll()] == [False, True]  # the first poll sent after they close
