@@ -397,9 +397,6 @@ class ControllerLink:
                 out[entry.seq] = entry
         return {s: out[s] for s in seqs if s in out}
 
-    async def read_results(self, rseqs: Sequence[int]) -> dict[int, c.ResultEntry]:
-        return await self._read_ring(rseqs, c.ResultEntry)
-
     def t_read_results(self, rseqs: Sequence[int]) -> dict[int, c.ResultEntry]:
         """I/O thread: ``read_results``."""
         return self._t_read_ring(rseqs, c.ResultEntry)

@@ -205,8 +205,7 @@ class Intake:
                 continue
             del self._trailing[seq]
             after, seen, past = _first_past(target, history, (prev_sent, now, past))
-            lo, hi = capture_interval(seen, after - self.publish_s, past, speed_cps, self.publish_s)
-            self.matcher.set_trailing(seq, lo, hi)
+            self.matcher.set_trailing(seq, *self._edge_interval(after, seen, past, speed_cps))
         self.matcher.set_horizon(sent - self.publish_s)
         self.tick(now)
         self._arm()
@@ -231,8 +230,12 @@ class Intake:
         the same poll). ``seen`` without such windows. Pure: the poller calls it on its thread."""
         if self._edge_window_s is None:
             return seen
-        _, hi = capture_interval(seen, prev_sent - self.publish_s, past, speed_cps, self.publish_s)
-        return hi + self._edge_window_s
+        return self._edge_interval(prev_sent, seen, past, speed_cps)[1] + self._edge_window_s
+
+    def _edge_interval(self, after: float, seen: float, past: int, speed_cps: float) -> tuple[float, float]:
+        """When a trailing edge left the photo-eye: between the poll sent at ``after`` (which did
+        not show it yet) and the answer at ``seen`` to the first that did, ``past`` counts ago."""
+        return capture_interval(seen, after - self.publish_s, past, speed_cps, self.publish_s)
 
     def tick(self, now: float) -> None:
         """Periodic: close read windows (and drop images that found no parcel)."""

@@ -265,7 +265,6 @@ class ControllerSupervisor:
                         raise poll
                     self._busy = True
                     try:
-                        self._check_restart(poll.status)
                         entries = self._carried_triggers(poll.status)
                         if entries is None:
                             entries = await self._read_triggers(poll.status)
@@ -289,7 +288,6 @@ class ControllerSupervisor:
             self._woken.set()
             return
         try:
-            self._check_restart(poll.status)
             entries = self._carried_triggers(poll.status)
             if entries is None:
                 self._polls.append(poll)  # new triggers to read: the task does it
@@ -343,8 +341,10 @@ class ControllerSupervisor:
 
     def _carried_triggers(self, status: c.Status) -> dict[int, c.TriggerEntry] | None:
         """The entries of the triggers new in this poll when it carries them itself (none new, or
-        one: the newest trigger is in the status block, contract 1.2); None: they must be read."""
-        trigger_head = self._heads[0] if self._heads else status.trigger_head
+        one: the newest trigger is in the status block, contract 1.2); None: they must be read.
+        Raises ControllerRestarted first if the poll shows the controller started again."""
+        self._check_restart(status)
+        trigger_head = self._trigger_head(status)
         if status.trigger_head == trigger_head:
             return {}
         newest = status.newest_trigger
@@ -355,10 +355,13 @@ class ControllerSupervisor:
 
     async def _read_triggers(self, status: c.Status) -> dict[int, c.TriggerEntry]:
         """The trigger-ring entries new in this poll, read from the ring."""
-        trigger_head = self._heads[0] if self._heads else status.trigger_head
-        seqs = c.ring_entries_between(trigger_head, status.trigger_head, c.TRIGGER_RING_LEN)
+        seqs = c.ring_entries_between(self._trigger_head(status), status.trigger_head, c.TRIGGER_RING_LEN)
         loop = self.pipeline.state.plan.recirculation_lane is not None
         return await self.link.read_triggers(seqs, prev=loop)
+
+    def _trigger_head(self, status: c.Status) -> int:
+        """The trigger head this session has taken (set from the first poll by ``_resume``)."""
+        return self._heads[0] if self._heads else status.trigger_head
 
 
 def _no_poll(at: float) -> None:
