@@ -10,15 +10,17 @@ ambiguous) and a source's health (a run of bad matches makes it *unmatched*). ``
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
-from agent.pipeline.evidence import CLEAN_RUN, FAULT_RUN, Event, Note, Outcome, _same, _Slot, _Source, _Trig
+from agent.pipeline.evidence import CLEAN_RUN, FAULT_RUN, INF, Event, Note, Outcome, _same, _Slot, _Source, _Trig
 
 __all__ = ["CounterRules", "SourceRules"]
 
 
 class SourceRules:
     _slots: dict[tuple[int, str], _Slot]
+    _trigs: deque[_Trig]
 
     def _compete(self, src: _Source, cands: list[_Trig], out: list[Event]) -> None:
         """A frame that cannot be tied to anyone but may be any of ``cands``'s: none of them can
@@ -86,15 +88,17 @@ class CounterRules(SourceRules):
         return False
 
     def _disagree(
-        self, src: _Source, frame: Any, counter: int, n: int, prev: int | None, cands: list[_Trig],
+        self, src: _Source, frame: Any, t: float, counter: int, n: int, prev: int | None, cands: list[_Trig],
         unknown: bool, out: list[Event],
     ) -> None:
         """The counter names a trigger whose window does not hold the frame: it is tied to no one,
         it competes for the triggers whose windows hold it, and the alignment is dropped (a reader
         that rebooted, or whose own photo-eye missed or doubled a parcel)."""
         reset = prev is not None and n < prev
+        assert src.offset is not None
         out.append(Note(src.spec.name, "counter_reset" if reset else "mismatch",
-                        f"counter {counter} does not fit the trigger its alignment names; alignment dropped",
+                        f"counter {counter} does not fit the trigger its alignment names"
+                        f" ({self._named_window(src, n + src.offset, t)}); alignment dropped",
                         tuple(c.seq for c in cands), frame))
         src.offset = None
         src.candidate = None
@@ -102,6 +106,19 @@ class CounterRules(SourceRules):
         self._compete(src, cands, out)
         self._bad(src, out)
         self._learn_offset(src, n, cands, unknown, out)  # the first witness of a new alignment
+
+    def _named_window(self, src: _Source, idx: int, t: float) -> str:
+        """Where the trigger a counter names stood against the frame's arrival, for the note."""
+        trig = next((x for x in self._trigs if x.idx == idx), None)
+        if trig is None:
+            return "no such trigger known"
+        opens, closes = trig.windows.get(src.spec.name, (INF, INF))
+        slot = self._slots.get((trig.seq, src.spec.name))
+        answered = f", answered {slot.status}" if slot is not None and slot.status is not None else ""
+        if opens == INF:
+            return f"trigger {trig.seq}: its trailing edge not placed yet{answered}"
+        return (f"trigger {trig.seq}: window {(opens - t) * 1000:+.1f}..{(closes - t) * 1000:+.1f} ms"
+                f" from the frame{answered}")
 
     def _propose(
         self, src: _Source, frame: Any, t: float, counter: int, cands: list[_Trig], unknown: bool, out: list[Event]

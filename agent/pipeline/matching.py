@@ -262,7 +262,7 @@ class Matcher(CounterRules):
                 self._propose(src, frame, t, counter, cands, unknown, out)
                 return
             if not self._by_counter(src, frame, t, counter, n, prev, cands, unknown, out):
-                self._disagree(src, frame, counter, n, prev, cands, unknown, out)
+                self._disagree(src, frame, t, counter, n, prev, cands, unknown, out)
             return
         # the clock alone
         if unknown or len(cands) > 1:
