@@ -307,14 +307,14 @@ class IdentityRun:
             self.parcels[seq] = p
             travelled = round((sent + RTT_S / 2 - p.lead) * p.speed * COUNTS_PER_M)
             cps = p.speed * COUNTS_PER_M * self.rng.uniform(0.98, 1.02)  # the agent's speed estimate
-            lo, hi = capture_interval(now, after - PUBLISH_S, travelled, cps, PUBLISH_S)
+            lo, hi = capture_interval(sent, now, after - PUBLISH_S, travelled, cps, PUBLISH_S)
             m.add_trigger(Capture(seq, lo, hi, measured=True))
         while self.untrailed and self.untrailed[0][0] <= sent:
             _, seq, p = heapq.heappop(self.untrailed)
             if self.parcels.get(seq) is p:
                 past = round((sent + RTT_S / 2 - p.trail) * p.speed * COUNTS_PER_M)
                 cps = p.speed * COUNTS_PER_M * self.rng.uniform(0.98, 1.02)
-                lo, hi = capture_interval(now, after - PUBLISH_S, past, cps, PUBLISH_S)
+                lo, hi = capture_interval(sent, now, after - PUBLISH_S, past, cps, PUBLISH_S)
                 m.set_trailing(seq, lo, hi)
         m.set_horizon(sent - PUBLISH_S)
         self.last_poll = sent

@@ -80,24 +80,27 @@ Event = Outcome | Note
 
 #: how far the belt-speed estimate may be off when placing a trigger's edges in time
 SPEED_TOLERANCE = 0.05
-#: clock slack added to every capture interval (poll round trip, timer granularity)
+#: clock slack added to every capture interval (timer granularity, an encoder count's width)
 CAPTURE_SLACK_S = 0.002
 
 
 def capture_interval(
-    now: float, after: float, travelled: int, speed_cps: float, stale: float = 0.0
+    sent: float, now: float, after: float, travelled: int, speed_cps: float, stale: float = 0.0
 ) -> tuple[float, float]:
     """When the belt was at a position it has since travelled ``travelled`` counts past, as bounds.
 
     Hard bounds: after ``after`` (a poll that went out before the belt got there, less the
-    controller's publishing delay) and before ``now`` (the poll that shows it returned); the
-    encoder narrows that to its estimate, give or take the speed tolerance and ``stale``, the age
-    the controller's encoder register may have. Pure."""
+    controller's publishing delay) and before ``now`` (the answer to the poll that shows it, sent
+    at ``sent``). The controller read the encoder somewhere between that poll going out and its
+    answer (and the register may be ``stale`` older), so the encoder narrows the bounds to
+    ``sent - stale - ago`` .. ``now - ago``, give or take the speed tolerance. Anchoring both ends
+    at the answer would put the lower bound too late by the poll's round trip: a slow answer
+    (a loaded I/O thread) would then open a window after its own frame. Pure."""
     lo, hi = after, now
     if speed_cps > 0:
         ago = max(travelled, 0) / speed_cps
         slack = CAPTURE_SLACK_S + SPEED_TOLERANCE * ago
-        est_lo, est_hi = now - ago - slack - stale, now - ago + slack
+        est_lo, est_hi = min(sent, now) - ago - slack - stale, now - ago + slack
         if est_lo <= hi and est_hi >= lo:
             lo, hi = max(lo, est_lo), min(hi, est_hi)
     return lo, hi

@@ -103,10 +103,12 @@ class Intake:
         self._early_images.clear()
 
     def on_trigger(
-        self, entry: c.TriggerEntry, encoder_now: int, speed_cps: float, now: float, captured_after: float
+        self, entry: c.TriggerEntry, encoder_now: int, speed_cps: float, sent: float, now: float,
+        captured_after: float,
     ) -> None:
-        """A new trigger, seen at ``now``; it was captured after ``captured_after`` (the moment the
-        previous status poll was sent, which did not show it yet)."""
+        """A new trigger, shown by the poll sent at ``sent`` and answered at ``now`` (whose encoder
+        is ``encoder_now``); it was captured after ``captured_after`` (the moment the previous
+        status poll was sent, which did not show it yet)."""
         ident = self.state.identity
         assert ident is not None
         travelled = c.encoder_delta(entry.encoder, encoder_now)
@@ -121,7 +123,7 @@ class Intake:
             hook()
         if speed_cps > 0:  # the longest parcel's passing time bounds windows of unmeasured parcels
             self.matcher.max_pass_s = max(self.max_parcel_m * ident.counts_per_metre / speed_cps, 0.05)
-        lo, hi = capture_interval(now, captured_after - self.publish_s, travelled, speed_cps, self.publish_s)
+        lo, hi = capture_interval(sent, now, captured_after - self.publish_s, travelled, speed_cps, self.publish_s)
         self.matcher.add_trigger(Capture(entry.seq, lo, hi, measured=entry.length_mm > 0))
         if entry.length_mm > 0:  # its trailing edge leaves the photo-eye at this encoder count
             self._trailing[entry.seq] = (entry.encoder + entry.length_mm * ident.counts_per_metre // 1000) \
@@ -204,8 +206,8 @@ class Intake:
                     del self._trailing[seq]
                 continue
             del self._trailing[seq]
-            after, seen, past = _first_past(target, history, (prev_sent, now, past))
-            self.matcher.set_trailing(seq, *self._edge_interval(after, seen, past, speed_cps))
+            after, shown, seen, past = _first_past(target, history, (prev_sent, sent, now, past))
+            self.matcher.set_trailing(seq, *self._edge_interval(after, shown, seen, past, speed_cps))
         self.matcher.set_horizon(sent - self.publish_s)
         self.tick(now)
         self._arm()
@@ -230,12 +232,16 @@ class Intake:
         the same poll). ``seen`` without such windows. Pure: the poller calls it on its thread."""
         if self._edge_window_s is None:
             return seen
-        return self._edge_interval(prev_sent, seen, past, speed_cps)[1] + self._edge_window_s
+        # the interval's end does not depend on when that poll was sent (its start does)
+        return self._edge_interval(prev_sent, seen, seen, past, speed_cps)[1] + self._edge_window_s
 
-    def _edge_interval(self, after: float, seen: float, past: int, speed_cps: float) -> tuple[float, float]:
+    def _edge_interval(
+        self, after: float, sent: float, seen: float, past: int, speed_cps: float
+    ) -> tuple[float, float]:
         """When a trailing edge left the photo-eye: between the poll sent at ``after`` (which did
-        not show it yet) and the answer at ``seen`` to the first that did, ``past`` counts ago."""
-        return capture_interval(seen, after - self.publish_s, past, speed_cps, self.publish_s)
+        not show it yet) and the answer at ``seen`` to the first that did (sent at ``sent``),
+        ``past`` counts ago."""
+        return capture_interval(sent, seen, after - self.publish_s, past, speed_cps, self.publish_s)
 
     def tick(self, now: float) -> None:
         """Periodic: close read windows (and drop images that found no parcel)."""
@@ -344,15 +350,15 @@ def _no_poll(at: float) -> None:
 
 
 def _first_past(
-    target: int, history: Sequence[tuple[float, float, int]], this: tuple[float, float, int],
-) -> tuple[float, float, int]:
+    target: int, history: Sequence[tuple[float, float, int]], this: tuple[float, float, float, int],
+) -> tuple[float, float, float, int]:
     """The first poll in ``history`` (sent, seen, encoder) that shows ``target`` passed: when the
-    poll before it was sent, when it was answered, and how far past it the encoder was then.
-    ``this``: the same for the poll being taken, when ``history`` is empty."""
+    poll before it was sent, when it was sent and answered, and how far past it the encoder was
+    then. ``this``: the same for the poll being taken, when ``history`` is empty."""
     for i in range(1, len(history)):
         past = c.encoder_delta(target, history[i][2])
         if past >= 0:
-            return history[i - 1][0], history[i][1], past
+            return history[i - 1][0], history[i][0], history[i][1], past
     if history:  # passed by the poll taken before (a history cut short): the encoder's word alone
-        return float("-inf"), history[0][1], c.encoder_delta(target, history[0][2])
+        return float("-inf"), history[0][0], history[0][1], c.encoder_delta(target, history[0][2])
     return this

@@ -322,7 +322,8 @@ class ControllerSupervisor:
                 log.error("trigger ring overrun: parcels missed (they default to inspection)")
             for seq in seqs:
                 if seq in entries:
-                    self.pipeline.on_trigger(entries[seq], status.encoder, poll.cps, now, poll.prev_sent)
+                    self.pipeline.on_trigger(entries[seq], status.encoder, poll.cps, poll.sent, now,
+                                              poll.prev_sent)
             trigger_head = status.trigger_head
         if poll.results is not None:
             # results are not urgent (a record, not a decision): read in batches with a poll (the

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
+
 from agent.pipeline.matching import CLEAN_RUN, FAULT_RUN, Capture, Matcher, Note, Outcome, SourceSpec, capture_interval
 
 MS = 0.001
@@ -140,11 +142,22 @@ def test_an_unmeasured_parcel_may_be_as_long_as_the_longest() -> None:
 
 def test_capture_interval_stays_inside_the_polls_and_holds_the_truth() -> None:
     # the belt at 3000 counts/s was at the position 12 counts ago: 4 ms before the poll returned
-    lo, hi = capture_interval(now=10.000, after=9.990, travelled=12, speed_cps=3000.0)
+    lo, hi = capture_interval(sent=9.9995, now=10.000, after=9.990, travelled=12, speed_cps=3000.0)
     assert 9.990 <= lo <= 9.996 <= hi <= 10.000
     # a speed estimate far off cannot push the interval outside the polls
-    lo, hi = capture_interval(now=10.000, after=9.995, travelled=12, speed_cps=300.0)
+    lo, hi = capture_interval(sent=9.9995, now=10.000, after=9.995, travelled=12, speed_cps=300.0)
     assert (lo, hi) == (9.995, 10.000)
+
+
+@pytest.mark.parametrize("read_at", [9.990, 9.995, 10.010])
+def test_a_slow_answer_widens_the_interval_to_when_the_encoder_may_have_been_read(read_at: float) -> None:
+    """The poll went out at 9.990 and its answer was noted at 10.010 (a loaded I/O thread): the
+    controller read the encoder anywhere in between. The belt was at the position 3 counts before
+    that read (1 ms at 3000 counts/s); every such moment is inside the interval."""
+    truth = read_at - 0.001
+    lo, hi = capture_interval(sent=9.990, now=10.010, after=9.950, travelled=3, speed_cps=3000.0)
+    assert lo <= truth <= hi
+    assert hi <= 10.010 and lo >= 9.950
 
 
 # --- the counter -------------------------------------------------------------------------

@@ -264,7 +264,7 @@ async def test_a_frame_waiting_for_the_poll_past_its_window_close_does_not_spin_
     intake = Intake(state, None, started.append)
     now = time.monotonic()
     intake.new_session(now - 1.0)
-    intake.on_trigger(c.TriggerEntry(5, 1000, 0), 1000, 3000.0, now, now - 0.02)  # unmeasured
+    intake.on_trigger(c.TriggerEntry(5, 1000, 0), 1000, 3000.0, now, now, now - 0.02)  # unmeasured
     intake.on_poll(now, now, now - 0.02, 1000, 3000.0)
     ticks = 0
     tick = intake.tick
@@ -292,7 +292,7 @@ def test_a_trailing_edge_told_late_is_placed_between_the_polls_around_it() -> No
     t0 = 100.0
     intake.new_session(t0 - 1.0)
     polls = [(t0 + 0.02 * k, t0 + 0.02 * k + 0.001, 1000 + 60 * k) for k in range(8)]  # 3 m/s
-    intake.on_trigger(c.TriggerEntry(5, 1000, 300), 1000, 3000.0, polls[0][1], t0 - 0.02)  # 300 mm long
+    intake.on_trigger(c.TriggerEntry(5, 1000, 300), 1000, 3000.0, *polls[0][:2], t0 - 0.02)  # 300 mm long
     intake.on_poll(polls[0][0], polls[0][1], t0 - 0.02, 1000, 3000.0, polls[:1])
     assert intake.trailing_edges() == (1300,)
     intake.on_poll(polls[7][0], polls[7][1], polls[6][0], polls[7][2], 3000.0, polls)  # told two polls late
@@ -303,3 +303,39 @@ def test_a_trailing_edge_told_late_is_placed_between_the_polls_around_it() -> No
     assert intake.trailing_edges() == ()
     # the poller asks for its handover when the windows close: the same moment, from the same poll
     assert intake.edge_close(polls[5][1], polls[4][0], 0, 3000.0) == pytest.approx(closes)
+
+
+def test_a_frame_early_in_its_window_is_tied_when_the_poll_that_placed_the_edge_answered_slowly() -> None:
+    """The poll that first shows a trailing edge passed went out 0.3 ms after the edge and its
+    answer was noted 12 ms later (a loaded I/O thread). The controller read the encoder when the
+    request came in; the window must start from then, not from the late answer, or the reader's
+    frame, 3 ms after the edge, falls before its own window opens and the parcel times out."""
+    from agent.pipeline.intake import Intake
+    from firmware_bridge.reader_codec import Frame
+
+    cfg = parse_config({
+        "line": {"site": "T", "line": "L1"},
+        "controller": {"host": "127.0.0.1", "trigger_publish_ms": 1},
+        "readers": [{"name": "top", "device": "/dev/null", "window_ms": [2, 16], "window_from": "trailing_edge"}],
+        "lanes": [{"number": 1, "name": "insp", "role": "inspection"},
+                  {"number": 2, "name": "rel", "role": "release", "gate": 1}],
+    })
+    state = LineState(cfg, Alarms())
+    state.identity = c.Identity(c.MAGIC, 1, 2, (1, 0, 0), 1000, 4, 4, 500, 16, 64, 3000, 1)
+    started: list[Parcel] = []
+    intake = Intake(state, None, started.append)
+    t0 = 100.0
+    intake.new_session(t0 - 1.0)
+    # the belt: 3000 counts/s, encoder 1000 at t0 (the trigger); a 300 mm parcel's edge passes at t0 + 0.1
+    intake.on_trigger(c.TriggerEntry(5, 1000, 300), 1000, 3000.0, t0 + 0.0002, t0 + 0.0012, t0 - 0.02)
+    intake.on_poll(t0 + 0.0002, t0 + 0.0012, t0 - 0.02, 1000, 3000.0, [(t0 + 0.0002, t0 + 0.0012, 1000)])
+    intake.on_poll(t0 + 0.08, t0 + 0.081, t0 + 0.0002, 1240, 3000.0, [(t0 + 0.0002, t0 + 0.0012, 1000),
+                                                                      (t0 + 0.08, t0 + 0.081, 1240)])
+    intake.on_reader_event("top", Frame((CODE,), False, CODE.encode()), t0 + 0.103)
+    slow = (t0 + 0.1003, t0 + 0.1123, 1300)  # sent just after the edge, answered 12 ms later
+    intake.on_poll(slow[0], slow[1], t0 + 0.08, slow[2], 3000.0, [(t0 + 0.08, t0 + 0.081, 1240), slow])
+    nxt = (t0 + 0.12, t0 + 0.121, 1360)
+    intake.on_poll(nxt[0], nxt[1], slow[0], nxt[2], 3000.0, [slow, nxt])  # its horizon resolves the frame
+    intake.tick(t0 + 0.2)
+    read = started[0].reads["top"]
+    assert read.codes == (CODE,) and not read.timed_out and read.problem is None, read
