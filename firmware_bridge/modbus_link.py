@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import struct
 import threading
 import time
 from collections import deque
@@ -52,10 +51,7 @@ __all__ = ["ControllerLink", "LinkSettings"]
 
 ILLEGAL_FUNCTION = 0x01  # Modbus exception code: the function is not implemented
 
-_STOP, _WAKE, _SOON, _FLUSH = object(), object(), object(), object()  # I/O thread signals
-#: the longest an answer the loop need not act on at once (a lane command's acknowledgement) waits
-#: for the loop's next turn before it is delivered by itself
-LAZY_MAX_S = 0.25
+_STOP, _WAKE, _SOON = object(), object(), object()  # I/O thread signals
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +74,6 @@ class LinkSettings:
         return f"modbus-rtu://{self.device}@{s.baudrate}{s.parity}{s.stopbits}/unit{self.unit_id}"
 
 
-def _nothing() -> None:
-    """Delivered to the loop only so that the answers waiting for a delivery go with it."""
-
-
 def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if fut.done():  # the caller was cancelled meanwhile
         return
@@ -102,55 +94,22 @@ class _IoThread(threading.Thread):
         self._on_poll: Callable[[Poll | Exception], object] | None = None
         self.stopping = False
         self.asked_at = 0.0  # the last poll_at (event loop side)
-        # what waits for the loop's next delivery: (deliver by, function, args); appended here,
-        # run by ``drain`` on the loop, in order (deque appends and pops are atomic)
-        self.lazy: deque[tuple[float, Callable[..., Any], tuple[Any, ...]]] = deque()
         # the idle poll's two requests, framed once for this connection
         self.status_poll = Repeated(ReadHoldingRegistersRequest(address=c.POLL_BASE, count=c.POLL_LEN), c.POLL_LEN)
         self.heartbeat_poll = Repeated(ReadWriteMultipleRegistersRequest(
             read_address=c.POLL_BASE, read_count=c.POLL_LEN, write_address=c.REG_AGENT_HEARTBEAT, write_registers=[0],
         ), c.POLL_LEN)
 
-    def call(
-        self, fn: Callable[..., Any], *args: Any, lazy: Callable[[Any], bool] | None = None
-    ) -> asyncio.Future[Any]:
-        """Run ``fn(*args)`` on this thread; the future settles on the event loop. A result that
-        ``lazy`` accepts is not worth a wake-up of its own: it waits for the loop's next delivery
-        from this thread (a poll handed over, another answer) or ``LAZY_MAX_S``, whichever is
-        first, and ``drain`` (the caller's own next request) settles it at once."""
+    def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         fut = self.loop.create_future()
-        self.jobs.put((fn, args, fut, lazy))
+        self.jobs.put((fn, args, fut))
         return fut
 
     def to_loop(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn`` on the event loop, after the answers waiting for a delivery (in order)."""
         try:
-            if self.lazy:
-                self.loop.call_soon_threadsafe(self.drain)
             self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop has closed: nobody is waiting any more
             pass
-
-    def flush(self) -> None:
-        """Event loop: deliver the answers waiting for a delivery once the jobs queued so far
-        have run."""
-        self.jobs.put(_FLUSH)
-
-    def later(self, by: float, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn`` on the event loop with the next delivery from this thread, or at ``by``
-        (monotonic) at the latest."""
-        self.lazy.append((by, fn, args))
-
-    def drain(self) -> None:
-        """Event loop: run what waited for a delivery."""
-        lazy = self.lazy
-        while lazy:
-            _, fn, args = lazy.popleft()
-            fn(*args)
-
-    def _due(self) -> float:
-        """When the first of what waits for a delivery must go by itself (inf: nothing waits)."""
-        return min((by for by, _, _ in self.lazy), default=float("inf"))
 
     def start_polling(self, poller: Poller, on_poll: Callable[[Poll | Exception], object]) -> None:
         self._on_poll = on_poll
@@ -167,63 +126,37 @@ class _IoThread(threading.Thread):
         try:
             while not self.stopping:
                 poller = self.poller
+                timeout = None if poller is None else max(poller.next_at - time.monotonic(), 0.0)
                 try:
-                    job = self.jobs.get(timeout=self._timeout(poller))
+                    job = self.jobs.get(timeout=timeout)
                 except queue.Empty:
                     job = None
                 if job is _STOP:
                     break
-                if job is _FLUSH:
-                    if self.lazy:
-                        self.to_loop(_nothing)
-                    continue
-                if isinstance(job, tuple) and job[0] is _SOON:
+                if job is None or job is _WAKE:
+                    pass
+                elif job[0] is _SOON:
                     if poller is not None:
                         poller.want(job[1])
-                elif isinstance(job, tuple):
-                    self._run_job(*job)
+                else:
+                    fn, args, fut = job
+                    try:
+                        result, error = fn(*args), None
+                    except Exception as exc:  # noqa: BLE001 - the caller gets it, as from a plain call
+                        result, error = None, exc
+                    self.to_loop(_settle, fut, result, error)
                     continue
                 if poller is not None and time.monotonic() >= poller.next_at:
                     self._poll(poller)
-                if self.lazy and time.monotonic() >= self._due():
-                    self.to_loop(_nothing)  # delivers them
         finally:
-            self._close()
-
-    def _close(self) -> None:
-        if self.lazy:
-            self.to_loop(_nothing)
-        self.wire.close()
-        while True:  # whoever still waits learns that the link is gone
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(job, tuple) and len(job) == 4:
-                self.to_loop(_settle, job[2], None, LinkError(f"{self.link.settings.describe()}: link closed"))
-
-    def _timeout(self, poller: Poller | None) -> float | None:
-        """How long the thread may wait for a job: until the next poll, or until the oldest
-        answer waiting for a delivery must go by itself."""
-        now = time.monotonic()
-        timeout = None if poller is None else max(poller.next_at - now, 0.0)
-        if self.lazy:
-            flush = max(self._due() - now, 0.0)
-            timeout = flush if timeout is None else min(timeout, flush)
-        return timeout
-
-    def _run_job(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], fut: asyncio.Future[Any],
-        lazy: Callable[[Any], bool] | None,
-    ) -> None:
-        try:
-            result, error = fn(*args), None
-        except Exception as exc:  # noqa: BLE001 - the caller gets it, as from a plain call
-            result, error = None, exc
-        if error is None and lazy is not None and lazy(result):
-            self.later(time.monotonic() + LAZY_MAX_S, _settle, fut, result, None)
-        else:
-            self.to_loop(_settle, fut, result, error)
+            self.wire.close()
+            while True:  # whoever still waits learns that the link is gone
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(job, tuple) and len(job) == 3:
+                    self.to_loop(_settle, job[2], None, LinkError(f"{self.link.settings.describe()}: link closed"))
 
     def _poll(self, poller: Poller) -> None:
         sent = time.monotonic()
@@ -245,7 +178,6 @@ class ControllerLink:
     def __init__(self, settings: LinkSettings, recorder_frames: int = 64) -> None:
         self.settings = settings
         self._mailbox = asyncio.Lock()  # one lane command at a time, with its acknowledgement
-        self._queued = 0  # commands waiting for the mailbox
         self._frames: deque[tuple[float, bool, bytes]] = deque(maxlen=recorder_frames)
         self._io: _IoThread | None = None
         self.identity: c.Identity | None = None
@@ -326,8 +258,8 @@ class ControllerLink:
             raise LinkError(f"{self.settings.describe()}: not connected")
         return self._io
 
-    async def _call(self, fn: Callable[..., Any], *args: Any, lazy: Callable[[Any], bool] | None = None) -> Any:
-        return await self._require().call(fn, *args, lazy=lazy)
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self._require().call(fn, *args)
 
     @staticmethod
     def _io_thread() -> _IoThread:
@@ -434,10 +366,9 @@ class ControllerLink:
         return await self._call(self._t_read_write, write_address, values, read_address, count)  # type: ignore[no-any-return]
 
     async def _combined(
-        self, write_address: int, values: Sequence[int], read_address: int, count: int,
-        lazy: Callable[[Any], bool] | None = None,
+        self, write_address: int, values: Sequence[int], read_address: int, count: int
     ) -> list[int] | None:
-        raw = await self._call(self._t_combined, write_address, values, read_address, count, lazy=lazy)
+        raw = await self._call(self._t_combined, write_address, values, read_address, count)
         return None if raw is None else registers_list(raw)
 
     # --- contract operations ------------------------------------------------------------
@@ -495,46 +426,27 @@ class ControllerLink:
         commands go through it one at a time, each with its acknowledgement, or a second command
         would overwrite the first's acknowledgement before it is read.
         """
-        io = self._require()
-        io.drain()  # a previous command's acknowledgement, if it waits for a delivery
-        if self._mailbox.locked():
-            io.flush()  # the command ahead may be waiting for one: deliver it after its answer
-        self._queued += 1
-        try:
-            await self._mailbox.acquire()
-        finally:
-            self._queued -= 1
-        try:
-            return await self._command(counter, seq, lane, ack_timeout_s)
-        finally:
-            self._mailbox.release()
-
-    async def _command(self, counter: int, seq: int, lane: int, ack_timeout_s: float) -> c.AckCode:
-        # With function 23 the acknowledgement comes back at once from a controller that takes
-        # the command while it answers; one that takes it in its next scan shows the previous
-        # acknowledgement, and the reads below wait for the new one. The command is on the wire
-        # either way: an acknowledgement in that same answer is final, and unless another command
-        # waits for the mailbox it waits for the loop's next delivery (LAZY_MAX_S at most)
-        # instead of waking the loop for itself.
-        command = [counter, seq, lane]
-        ack_bytes = struct.pack(">HH", counter & 0xFFFF, seq & 0xFFFF)
-        lazy = None if self._queued else (lambda raw: raw is not None and raw[:4] == ack_bytes)
-        regs = await self._combined(c.MAILBOX_BASE, command, c.REG_ACK_COUNTER, 3, lazy=lazy)
-        if regs is None:
-            await self.write(c.MAILBOX_BASE, command)
-        deadline = time.monotonic() + ack_timeout_s
-        while True:
+        async with self._mailbox:
+            # with function 23 the acknowledgement comes back at once from a controller that
+            # takes the command while it answers; one that takes it in its next scan shows the
+            # previous acknowledgement, and the reads below wait for the new one
+            command = [counter, seq, lane]
+            regs = await self._combined(c.MAILBOX_BASE, command, c.REG_ACK_COUNTER, 3)
             if regs is None:
-                regs = await self.read(c.REG_ACK_COUNTER, 3)
-            if regs[0] == counter and regs[1] == seq:
-                try:
-                    return c.AckCode(regs[2])
-                except ValueError:
+                await self.write(c.MAILBOX_BASE, command)
+            deadline = time.monotonic() + ack_timeout_s
+            while True:
+                if regs is None:
+                    regs = await self.read(c.REG_ACK_COUNTER, 3)
+                if regs[0] == counter and regs[1] == seq:
+                    try:
+                        return c.AckCode(regs[2])
+                    except ValueError:
+                        return c.AckCode.NONE
+                if time.monotonic() >= deadline:
                     return c.AckCode.NONE
-            if time.monotonic() >= deadline:
-                return c.AckCode.NONE
-            regs = None
-            await asyncio.sleep(0.002)
+                regs = None
+                await asyncio.sleep(0.002)
 
     async def request_mode(self, mode: c.ModeRequest) -> None:
         await self.write(c.REG_MODE_REQUEST, [int(mode)])

@@ -10,10 +10,9 @@ For every trigger one short task runs:
 3. check the X-ray image within what is left;
 4. ``decide()`` (pure) -> whether every check passed, and the reasons; the sort plan
    (``sortplan.place``, pure) -> the lane;
-5. hand the decision half of the record to the recorder (on disk before the command goes out);
-6. write the lane to the controller's mailbox and check the acknowledgement (or, if it is too
-   late for that, leave the parcel to the controller's default: inspection); the half in memory
-   gets the acknowledgement.
+5. write the lane to the controller's mailbox and check the acknowledgement (or, if it is too
+   late for that, leave the parcel to the controller's default: inspection);
+6. hand the decision half of the record to the recorder.
 
 The deadline comes from the parcel's position: the controller's identity block says how many
 encoder counts lie between the scan point and the decision point, the supervisor measures the belt
@@ -32,7 +31,7 @@ import structlog
 
 from agent.pipeline.decision import DecisionInputs, ImageOutcome, ReaderOutcome, decide, identify
 from agent.pipeline.parcel import AckStatus, Parcel
-from agent.pipeline.records import command_part, decision_part
+from agent.pipeline.records import decision_part
 from agent.pipeline.sortplan import place
 from agent.pipeline.state import LaneCommander, LineState, VerdictAsk, VerdictSource
 from firmware_bridge import contract as c
@@ -173,22 +172,14 @@ class ParcelRunner:
             if late:
                 p.ack = "not_sent_late"
                 log.warning("decision late; controller will default to inspection", reasons=p.decision.reasons)
-            # the decision half is on disk before the command goes out: an agent stopped while it
-            # waits for the acknowledgement leaves the decision recorded (ack null); what follows
-            # completes the half in memory, which the record is made from
-            model_version = self.vision.model_version if self.vision else None
-            part = decision_part(p, self.readers, model_version)
-            self.keep(p, part)
-            if not late:
+            else:
                 await self._command(p)
-                part["command"] = command_part(p)
             if self.vision is not None and p.image is not None:
                 p.image_kept = await self.vision.after(
                     p.image, p.image_path, f"{cfg.line.site}-{cfg.line.line}-{p.key.replace(':', '-')}",
                     cfg.vision.consume,
                 )
-                if model_version is not None:
-                    part["image"] = p.image.record(model_version, p.image_kept)
+            self.keep(p, decision_part(p, self.readers, self.vision.model_version if self.vision else None))
 
     async def _image_check(self, p: Parcel) -> ImageOutcome | None:
         """Classify the parcel's image within what is left of its deadline."""
@@ -203,9 +194,6 @@ class ParcelRunner:
     async def _command(self, p: Parcel) -> None:
         assert p.lane is not None
         self._cmd_counter = c.next_seq(self._cmd_counter)
-        # when the command goes out (its acknowledgement may reach this task a little later: the
-        # link delivers it with its next answer, not with a wake-up of its own)
-        sent_at = self.clock()
         try:
             ack = await self.lanes.command(self._cmd_counter, p.seq, p.lane, ACK_TIMEOUT_S)
         except LinkError as exc:
@@ -213,7 +201,7 @@ class ParcelRunner:
             log.error("lane command failed", error=str(exc))
             return
         p.ack = cast(AckStatus, ack.name.lower())
-        p.command_at = sent_at
+        p.command_at = self.clock()
         self.state.metrics.latency((p.command_at - p.last_input_at) * 1000)
         if ack is not c.AckCode.ACCEPTED:
             self.state.metrics.count(f"ack_{p.ack}")

@@ -18,7 +18,7 @@ from agent.pipeline.decision import ReaderOutcome
 from agent.pipeline.parcel import Parcel
 from firmware_bridge import contract as c
 
-__all__ = ["RecordJob", "command_part", "decision_part", "parcel_record", "result_part"]
+__all__ = ["RecordJob", "decision_part", "parcel_record", "result_part"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,16 +74,11 @@ def decision_part(p: Parcel, readers: Sequence[str], model_version: str | None) 
             }
             if d else None
         ),
-        "command": command_part(p),
-    }
-
-
-def command_part(p: Parcel) -> dict[str, Any]:
-    """The lane command and its acknowledgement (``ack`` null while it is awaited)."""
-    return {
-        "lane": p.lane,
-        "ack": p.ack,
-        "margin_ms": round((p.deadline - p.command_at) * 1000, 1) if p.command_at else None,
+        "command": {
+            "lane": p.lane,
+            "ack": p.ack,
+            "margin_ms": round((p.deadline - p.command_at) * 1000, 1) if p.command_at else None,
+        },
     }
 
 

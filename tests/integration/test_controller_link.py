@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from firmware_bridge import contract as c
-from firmware_bridge import modbus_link
 from firmware_bridge.errors import LinkError
 from firmware_bridge.modbus_link import ControllerLink, LinkSettings
 from hw_sim.controller import ControllerModel, ControllerParams, serve_tcp
@@ -28,46 +27,6 @@ async def test_concurrent_commands_each_get_their_own_acknowledgement() -> None:
         acks = await asyncio.gather(link.command(1, a.seq, 2, 0.5), link.command(2, b.seq, 1, 0.5))
         assert acks == [c.AckCode.ACCEPTED, c.AckCode.ACCEPTED]
         assert (a.cmd_lane, b.cmd_lane) == (2, 1)
-    finally:
-        link.close()
-        await server.shutdown()  # type: ignore[no-untyped-call]
-
-
-async def test_an_acknowledgement_in_the_commands_own_answer_waits_for_the_next_delivery(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The controller took the command in the same function-23 answer: the acknowledgement is
-    final and does not wake the loop for itself; it comes with the next answer the loop gets (here
-    a poll), or at once when another command wants the mailbox."""
-    monkeypatch.setattr(modbus_link, "LAZY_MAX_S", 60.0)  # only a delivery can settle it here
-    model = ControllerModel(ControllerParams())
-    server, port = await serve_tcp(model)
-    link = ControllerLink(LinkSettings(host="127.0.0.1", port=port))
-    try:
-        await link.connect()
-        await link.heartbeat(1)
-        a, b, d = model.trigger(150), model.trigger(150), model.trigger(150)
-        first = asyncio.create_task(link.command(1, a.seq, 2, 0.5))
-        for _ in range(200):  # bounded: the I/O thread writes it within a few ms
-            if a.cmd_lane == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert a.cmd_lane == 2
-        await asyncio.sleep(0.05)
-        assert not first.done()  # answered on the wire, not yet delivered
-        await link.poll()  # the next answer the loop gets brings it first
-        assert first.done() and first.result() is c.AckCode.ACCEPTED
-        # a command that finds the mailbox taken has the acknowledgement it waits for delivered
-        # at once: the one ahead does not hold the mailbox until the next poll
-        second = asyncio.create_task(link.command(2, b.seq, 1, 0.5))
-        await asyncio.sleep(0)  # its command is on its way to the wire
-        third = asyncio.create_task(link.command(3, d.seq, 2, 0.5))
-        assert await asyncio.wait_for(second, 5.0) is c.AckCode.ACCEPTED
-        for _ in range(100):  # the third, last of the burst, comes with a later answer
-            if third.done():
-                break
-            await link.poll()
-        assert third.result() is c.AckCode.ACCEPTED and (b.cmd_lane, d.cmd_lane) == (1, 2)
     finally:
         link.close()
         await server.shutdown()  # type: ignore[no-untyped-call]

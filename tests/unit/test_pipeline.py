@@ -104,24 +104,6 @@ async def test_a_cleared_parcel_is_commanded_to_release_and_its_record_kept() ->
     assert kept[0][1]["decision"]["reasons"] == ["release_verdict"]
 
 
-async def test_the_decision_is_kept_before_the_command_goes_out_and_completed_with_its_acknowledgement() -> None:
-    """An agent stopped while a command's acknowledgement is awaited leaves the decision saved
-    (ack null): the part is handed to the recorder first, and the same part gets the ack."""
-    kept_at_command: list[Any] = []
-
-    class Watching(Lanes):
-        async def command(self, counter: int, seq: int, lane: int, ack_timeout_s: float) -> c.AckCode:
-            kept_at_command.append([dict(part["command"]) for _, part in kept])
-            return await super().command(counter, seq, lane, ack_timeout_s)
-
-    lanes = Watching()
-    r, _, kept, _ = runner(lanes, Verdicts({CODE: "release"}))
-    p = parcel(reads=both_read())
-    await r.run(p)
-    assert kept_at_command == [[{"lane": 2, "ack": None, "margin_ms": None}]]
-    assert kept[0][1]["command"]["ack"] == "accepted" and kept[0][1]["command"]["margin_ms"] > 0
-
-
 async def test_reads_not_final_by_the_deadline_are_given_up_and_the_parcel_inspected() -> None:
     lanes = Lanes()
     r, _, kept, gave_up = runner(lanes, Verdicts({CODE: "release"}))
