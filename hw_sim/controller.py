@@ -72,6 +72,9 @@ class ControllerParams:
     # is full (its LANE_FULL_BITS bit) until it has drained to 80 % of it
     lane_capacity: dict[int, tuple[int, float]] = field(default_factory=dict)
     recirculation_lane: int | None = None  # 1.3: a parcel steered here comes back (RECIRCULATED)
+    # a read answers this long after the registers were taken (when the request came in): a busy
+    # network or a controller that answers late; the answer's values are those of the request
+    answer_delay_ms: float = 0.0
 
 
 class ControllerModel:
@@ -399,6 +402,8 @@ class ControllerModel:
             current[off : off + count] = self.regs[address : address + count]
             if address <= c.REG_TRIGGER_HEAD < address + count:
                 self._shown(self.regs[c.REG_TRIGGER_HEAD])
+            if self.p.answer_delay_ms:
+                await asyncio.sleep(self.p.answer_delay_ms / 1000)
             return None
 
         return SimDevice(
