@@ -59,6 +59,9 @@ HERE = Path(__file__).resolve().parent
 HUB_PERIOD_S = 1.0
 SESSION_S = 12 * 3600
 STATS_TTL_S = 20.0
+#: a status asked for before the console has fetched its first waits this long for it (the
+#: control socket's own time-out is 5 s)
+FIRST_STATUS_WAIT_S = 6.0
 MAX_POST = 16 * 1024  # the longest form (a finding with its note) is far below this
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
@@ -87,6 +90,17 @@ class Hub:
                 self.latest, self.frame, self.version = reply, frame, self.version + 1
                 self._changed.notify_all()
             await asyncio.sleep(HUB_PERIOD_S)
+
+    async def current(self, wait_s: float) -> dict[str, Any]:
+        """The latest status; right after the console starts, before the first has been fetched,
+        wait for it (at most ``wait_s``) rather than answer 'not asked yet'."""
+        if self.version == 0:
+            try:
+                async with asyncio.timeout(wait_s), self._changed:
+                    await self._changed.wait_for(lambda: self.version > 0)
+            except TimeoutError:
+                pass
+        return self.latest
 
     async def updates(self) -> AsyncIterator[bytes]:
         """Each new status as an encoded server-sent event."""
@@ -362,7 +376,7 @@ class Console:
     async def api_status(self, request: Request) -> Response:
         if self.users and self.user_of(request) is None:
             raise HTTPException(403, "log in first")
-        return JSONResponse(self.hub.latest)
+        return JSONResponse(await self.hub.current(FIRST_STATUS_WAIT_S))
 
     async def api_stats(self, request: Request) -> Response:
         if self.users and self.user_of(request) is None:

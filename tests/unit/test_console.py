@@ -3,6 +3,7 @@ what may be served as an image, the alarm help kept in step with docs/operations
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sqlite3
@@ -15,7 +16,7 @@ from starlette.testclient import TestClient
 from agent.central.outbox import Outbox
 from agent.config import ConfigError, parse_config
 from agent.console.alarm_help import alarm_help
-from agent.console.app import create_app
+from agent.console.app import Hub, create_app
 from agent.console.users import User, UsersError, add_user, load_users, verify
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,3 +149,17 @@ def test_alarm_help_is_the_operations_table() -> None:
     schema = json.loads((ROOT / "docs" / "schemas" / "alarm.schema.json").read_text())
     assert set(schema["properties"]["alarm"]["enum"]) == set(alarm_help())
     assert "PLC" in alarm_help()["controller_offline"]["todo"]
+
+
+async def test_a_status_asked_right_at_start_waits_for_the_first_answer(tmp_path: Path) -> None:
+    """Before the console has fetched the agent's status once, a status request waits for that
+    first answer (here: the agent does not answer) instead of saying 'not asked yet'."""
+    hub = Hub(tmp_path / "no-agent.sock")
+    assert hub.latest["error"] == "not asked yet"
+    fetching = asyncio.create_task(hub.run())
+    try:
+        status = await hub.current(6.0)
+    finally:
+        fetching.cancel()
+    assert status["ok"] is False and "does not answer" in status["error"], status
+    assert await hub.current(0.0) is hub.latest  # once fetched, no wait
