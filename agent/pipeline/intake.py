@@ -186,9 +186,16 @@ class Intake:
             log.warning("image arrived after the parcel was decided; not used", seq=p.seq, image=str(image))
             self._discard(image)
             return
-        p.image_path, p.image_done = image, True
+        self._tie_image(p, image)
         p.last_input_at = max(p.last_input_at, t)
         self._settle(p)
+
+    def _tie_image(self, p: Parcel, image: Any) -> None:
+        """The parcel's image source has answered: ``image`` (None: no image). The check begins
+        now, while the readers may still be reading, so it gets the whole time to the deadline."""
+        p.image_path, p.image_done = image, True
+        if image is not None and self.vision is not None:
+            p.image_started = self.vision.start(image)
 
     def on_poll(
         self, sent: float, now: float, prev_sent: float, encoder: int, speed_cps: float,
@@ -299,8 +306,7 @@ class Intake:
                     self._discard(ev.payload)
                 continue
             if ev.source == IMAGE_SOURCE:
-                p.image_path = ev.payload  # None unless an image was tied to it
-                p.image_done = True
+                self._tie_image(p, ev.payload)  # None unless an image was tied to it
             else:
                 frame = ev.payload if ev.status == "read" else None
                 p.reads[ev.source] = ReaderOutcome(

@@ -15,6 +15,8 @@ from agent.pipeline.decision import Decision, Mode, ReaderOutcome, VerdictLookup
 from firmware_bridge import contract as c
 
 if TYPE_CHECKING:  # OpenCV and LiteRT load only on lines that run the image check
+    from concurrent.futures import Future
+
     from agent.vision.check import ImageResult
 
 __all__ = ["AckStatus", "Parcel", "decision_key"]
@@ -54,6 +56,7 @@ class Parcel:
     part: dict[str, Any] | None = None  # the decision half of the record, once decided
     image_path: Any = None  # the matched X-ray image (a path, or a frame from a capture source)
     image_done: bool = False  # the image source has answered (an image, or a time-out)
+    image_started: Future[ImageResult] | None = None  # its check, begun when the image was tied
     image: ImageResult | None = None
     image_kept: str | None = None
 

@@ -185,7 +185,7 @@ class ParcelRunner:
         """Classify the parcel's image within what is left of its deadline."""
         if self.vision is None:
             return None
-        p.image = await self.vision.check(p.image_path, self._left(p))
+        p.image = await self.vision.check(p.image_path, self._left(p), p.image_started)
         self.state.metrics.count(f"image_{p.image.status}")
         if p.image.status == "flagged":
             log.warning("image check flagged the parcel", item=p.image.top_class, score=p.image.score)

@@ -145,7 +145,7 @@ import shutil  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
 
 import structlog  # noqa: E402
 
@@ -210,11 +210,23 @@ class VisionCheck:
         top = max(hits, key=lambda c: by_class[c]) if hits else max(by_class, key=lambda c: by_class[c])
         return ImageResult("flagged" if hits else "pass", top, by_class[top], by_class, round(ms, 2), path=path)
 
-    async def check(self, image: str | np.ndarray | None, timeout_s: float) -> ImageResult:
+    def start(self, image: str | np.ndarray) -> Future[ImageResult]:
+        """Begin checking ``image`` on the worker thread (as soon as it is tied to its parcel)."""
+        return self._pool.submit(self._run, image)
+
+    async def check(
+        self, image: str | np.ndarray | None, timeout_s: float, started: Future[ImageResult] | None = None
+    ) -> ImageResult:
+        """The result of checking ``image`` (begun by ``start`` if ``started``), or a failure once
+        ``timeout_s`` has passed: a late result never decides a parcel."""
         if image is None:
             return ImageResult("missing", detail="no image arrived for this parcel")
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._pool, self._run, image)
+        if started is not None and started.done():
+            return started.result()  # in before it was asked for: never late
+        if started is not None:
+            fut: asyncio.Future[ImageResult] = asyncio.wrap_future(started)
+        else:
+            fut = asyncio.get_running_loop().run_in_executor(self._pool, self._run, image)
         try:
             async with asyncio.timeout(max(timeout_s, 0.0)):
                 return await asyncio.shield(fut)

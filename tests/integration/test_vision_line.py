@@ -21,7 +21,7 @@ async def test_hidden_items_are_caught_and_flagged_images_kept(broker: Mosquitto
         assert m["hidden_items_released"] == 0 and m["hidden_items_caught"] == 6
         assert m["wrongly_released"] == 0 and m["records_published"] == 60
         records = run.central.records_by_seq()  # type: ignore[union-attr]
-        odd = [(seq, r["image"]) for seq, r in records.items()
+        odd = [(seq, r["image"]["status"], r["image"]["detail"]) for seq, r in records.items()
                if (r.get("image") or {}).get("status") in ("missing", "failed")]
         assert m["image_missing_or_failed"] == 0, odd  # the records say which and why
         for t in run.truth:

@@ -339,3 +339,45 @@ def test_a_frame_early_in_its_window_is_tied_when_the_poll_that_placed_the_edge_
     intake.tick(t0 + 0.2)
     read = started[0].reads["top"]
     assert read.codes == (CODE,) and not read.timed_out and read.problem is None, read
+
+
+async def test_an_image_is_checked_from_the_moment_it_is_tied_not_after_the_reads() -> None:
+    """The scanner's image comes ~100 ms after the trigger, the readers' frames later: the check
+    starts when the image is tied to its parcel, so it has the whole time to the deadline."""
+    from concurrent.futures import Future
+
+    from agent.pipeline.intake import Intake
+
+    class Vision:
+        def __init__(self) -> None:
+            self.started: list[Any] = []
+
+        def start(self, image: Any) -> Future[Any]:
+            self.started.append(image)
+            return Future()
+
+        def discard(self, image: Any) -> None:
+            pass
+
+    cfg = parse_config({
+        "line": {"site": "T", "line": "L1"},
+        "controller": {"host": "127.0.0.1"},
+        "readers": [{"name": "top", "device": "/dev/null"}],
+        "lanes": [{"number": 1, "name": "insp", "role": "inspection"},
+                  {"number": 2, "name": "rel", "role": "release", "gate": 1}],
+        "vision": {"mode": "required", "folder": "/scan", "name_seq_regex": r"seq(?P<seq>\d+)-"},
+    })
+    state = LineState(cfg, Alarms())
+    state.identity = c.Identity(c.MAGIC, 1, 2, (1, 0, 0), 1000, 4, 4, 500, 16, 64, 3000, 1)
+    vision = Vision()
+    started: list[Parcel] = []
+    intake = Intake(state, vision, started.append)  # type: ignore[arg-type]
+    now = time.monotonic()
+    intake.new_session(now - 1.0)
+    intake.on_trigger(c.TriggerEntry(5, 1000, 300), 1000, 3000.0, now, now, now - 0.02)
+    p = started[0]
+    intake.on_image("/scan/seq00005-00000001.png", now + 0.1)
+    assert vision.started == ["/scan/seq00005-00000001.png"] and p.image_started is not None
+    assert not p.all_read.is_set()  # the reader has not read yet
+    intake.on_image("/scan/seq00005-00000002.png", now + 0.12)  # a second image: late, never checked
+    assert len(vision.started) == 1

@@ -70,6 +70,13 @@ async def test_check_results_missing_late_corrupt_flagged_pass(tmp_path: Path) -
         assert late.status == "failed" and "late" in (late.detail or "")
         flagged = await check.check(str(blade), 2.0)
         assert flagged.status == "flagged" and flagged.top_class == "blade"
+        # a check begun when the image was tied to its parcel: its result counts if it is in by the
+        # deadline, however little time is left when the parcel asks
+        started = check.start(str(blade))
+        assert started.result(timeout=10).status == "flagged"
+        assert (await check.check(str(blade), 0.0, started)) == started.result()
+        running = check.start(str(blade))
+        assert (await check.check(str(blade), 2.0, running)).status == "flagged"
         kept = await check.after(flagged, str(blade), "S-L-7-1234", consume=True)
         assert kept and Path(kept).exists() and not blade.exists()
         clean = await check.check(render(20_000_011, "clean"), 2.0)  # a frame from a capture source
