@@ -57,6 +57,12 @@ log = structlog.get_logger("sortgate.inbound")
 
 #: signature checks handed to the worker thread at once (an answer waits behind one chunk at most)
 VERIFY_CHUNK = 128
+#: rejected verdict items logged one by one, per reason, within each REJECT_LOG_S; beyond that one
+#: line says the rest are counted only (a flood of forged items must not become a flood of log
+#: lines: thousands written in a burst hold the event loop long enough to time a reader frame
+#: outside its window, and fill the journal)
+REJECT_LOG_MAX = 5
+REJECT_LOG_S = 10.0
 
 
 class TokenBucket:
@@ -104,6 +110,7 @@ class Inbound:
         self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verdict-verify")
         self.alive = time.monotonic()  # the handler loop's last turn (for the liveness check)
         self._waiting = False
+        self._reject_log: dict[str, tuple[float, int]] = {}  # reason -> (window start, logged in it)
         self.commands = Commands(
             cfg, keyring, alarms, mqtt, link, counters, set_mode, status, modes,
             verify_signed=self.verify_signed, report_invalid=self._invalid,
@@ -274,7 +281,16 @@ class Inbound:
 
     def _rejected(self, item: VerdictItem, reason: str) -> None:
         self.counters[f"verdicts_rejected_{reason}"] += 1
-        log.warning("verdict rejected", reason=reason, waybill=item.waybill, verdict_id=item.verdict_id)
+        now = time.monotonic()
+        start, logged = self._reject_log.get(reason, (now, 0))
+        if now - start >= REJECT_LOG_S:
+            start, logged = now, 0
+        if logged < REJECT_LOG_MAX:
+            log.warning("verdict rejected", reason=reason, waybill=item.waybill, verdict_id=item.verdict_id)
+        elif logged == REJECT_LOG_MAX:
+            log.warning("more verdicts rejected; counted, not logged one by one", reason=reason,
+                        counter=f"verdicts_rejected_{reason}", for_s=round(REJECT_LOG_S - (now - start), 1))
+        self._reject_log[reason] = (start, logged + 1)
         self.alarms.event("verdict_rejected", f"{reason}: verdict {item.verdict_id} for {item.waybill}", reason=reason)
 
     async def ask(self, waybill: str, timeout_s: float) -> VerdictLookup:

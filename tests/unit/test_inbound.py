@@ -80,6 +80,29 @@ async def test_a_signed_batch_is_stored_and_a_forged_item_rejected(inbound: Any)
     assert ib.counters["verdicts_rejected_bad_signature"] == 1
 
 
+async def test_a_flood_of_forged_items_is_counted_whole_but_logged_in_a_few_lines(inbound: Any) -> None:
+    """300 forged items: every one counted and none stored, but only the first few logged one by
+    one and one line for the rest (thousands of lines in a burst hold the loop and fill the journal)."""
+    from structlog.testing import capture_logs
+
+    from agent.central.inbound import REJECT_LOG_MAX
+
+    ib, store, _, _, _ = inbound
+    now = datetime.now(UTC).isoformat()
+    attacker, _ = generate_keypair()
+    forged = [sign_item({"waybill": "EE123456785CN", "verdict": "release", "verdict_id": f"f{i}", "issued_at": now},
+                        attacker, "central-1") for i in range(300)]
+    batch = {"schema": "sortgate.verdicts/1", "batch_id": "flood", "verdicts": forged}
+    with capture_logs() as logs:
+        await ib._handle(f"{ROOT}/verdicts", json.dumps(batch).encode(), MessageMeta())
+    assert ib.counters["verdicts_rejected_bad_signature"] == 300
+    assert store.lookup("EE123456785CN").status == "miss"
+    one_by_one = [e for e in logs if e["event"] == "verdict rejected"]
+    rest = [e for e in logs if e["event"].startswith("more verdicts rejected")]
+    assert len(one_by_one) == REJECT_LOG_MAX and all(e["reason"] == "bad_signature" for e in one_by_one)
+    assert len(rest) == 1 and rest[0]["counter"] == "verdicts_rejected_bad_signature"
+
+
 async def test_commands_route_reply_and_loosening_needs_a_signature(inbound: Any) -> None:
     ib, _, mqtt, mode, private = inbound
     await ib._handle(f"{ROOT}/cmd", cmd(command="set_mode", mode="inspect_all", request_id="t1"),
