@@ -223,10 +223,7 @@ class VisionCheck:
             return ImageResult("missing", detail="no image arrived for this parcel")
         if started is not None and started.done():
             return started.result()  # in before it was asked for: never late
-        if started is not None:
-            fut: asyncio.Future[ImageResult] = asyncio.wrap_future(started)
-        else:
-            fut = asyncio.get_running_loop().run_in_executor(self._pool, self._run, image)
+        fut = asyncio.wrap_future(started or self.start(image))  # what run_in_executor does
         try:
             async with asyncio.timeout(max(timeout_s, 0.0)):
                 return await asyncio.shield(fut)
