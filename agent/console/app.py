@@ -59,9 +59,11 @@ HERE = Path(__file__).resolve().parent
 HUB_PERIOD_S = 1.0
 SESSION_S = 12 * 3600
 STATS_TTL_S = 20.0
-#: a status asked for before the console has fetched its first waits this long for it (the
-#: control socket's own time-out is 5 s)
-FIRST_STATUS_WAIT_S = 6.0
+#: the agent's control socket: how long the hub waits for a status
+STATUS_TIMEOUT_S = 5.0
+#: a status asked for before the console has fetched its first waits this long for it (the first
+#: fetch's own time-out, and a little more)
+FIRST_STATUS_WAIT_S = STATUS_TIMEOUT_S + 1.0
 MAX_POST = 16 * 1024  # the longest form (a finding with its note) is far below this
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
@@ -81,7 +83,9 @@ class Hub:
     async def run(self) -> None:
         while True:
             try:
-                reply = await asyncio.to_thread(control_request, self.sock, {"op": "status", "parcels": 20}, 5.0)
+                reply = await asyncio.to_thread(
+                    control_request, self.sock, {"op": "status", "parcels": 20}, STATUS_TIMEOUT_S
+                )
             except (OSError, ValueError) as exc:
                 reply = {"ok": False, "error": f"the agent does not answer on {self.sock}: {exc}"}
             reply["fetched_at"] = time.time()
