@@ -27,7 +27,8 @@ VALIDATOR = jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.Fo
 CODE = "RB123456785GB"
 
 
-def config() -> Config:
+def config(**sections: Any) -> Config:
+    """Two readers and two lanes; ``sections`` replace whole top-level sections."""
     return parse_config({
         "line": {"site": "T", "line": "L1"},
         "controller": {"host": "127.0.0.1"},
@@ -35,7 +36,7 @@ def config() -> Config:
         "lanes": [{"number": 1, "name": "insp", "role": "inspection"},
                   {"number": 2, "name": "rel", "role": "release", "gate": 1}],
         "decision": {"safety_margin_ms": 10},
-    })
+    } | sections)
 
 
 class Alarms:
@@ -313,13 +314,10 @@ def test_a_frame_early_in_its_window_is_tied_when_the_poll_that_placed_the_edge_
     from agent.pipeline.intake import Intake
     from firmware_bridge.reader_codec import Frame
 
-    cfg = parse_config({
-        "line": {"site": "T", "line": "L1"},
-        "controller": {"host": "127.0.0.1", "trigger_publish_ms": 1},
-        "readers": [{"name": "top", "device": "/dev/null", "window_ms": [2, 16], "window_from": "trailing_edge"}],
-        "lanes": [{"number": 1, "name": "insp", "role": "inspection"},
-                  {"number": 2, "name": "rel", "role": "release", "gate": 1}],
-    })
+    cfg = config(
+        controller={"host": "127.0.0.1", "trigger_publish_ms": 1},
+        readers=[{"name": "top", "device": "/dev/null", "window_ms": [2, 16], "window_from": "trailing_edge"}],
+    )
     state = LineState(cfg, Alarms())
     state.identity = c.Identity(c.MAGIC, 1, 2, (1, 0, 0), 1000, 4, 4, 500, 16, 64, 3000, 1)
     started: list[Parcel] = []
@@ -359,14 +357,10 @@ async def test_an_image_is_checked_from_the_moment_it_is_tied_not_after_the_read
         def discard(self, image: Any) -> None:
             pass
 
-    cfg = parse_config({
-        "line": {"site": "T", "line": "L1"},
-        "controller": {"host": "127.0.0.1"},
-        "readers": [{"name": "top", "device": "/dev/null"}],
-        "lanes": [{"number": 1, "name": "insp", "role": "inspection"},
-                  {"number": 2, "name": "rel", "role": "release", "gate": 1}],
-        "vision": {"mode": "required", "folder": "/scan", "name_seq_regex": r"seq(?P<seq>\d+)-"},
-    })
+    cfg = config(
+        readers=[{"name": "top", "device": "/dev/null"}],
+        vision={"mode": "required", "folder": "/scan", "name_seq_regex": r"seq(?P<seq>\d+)-"},
+    )
     state = LineState(cfg, Alarms())
     state.identity = c.Identity(c.MAGIC, 1, 2, (1, 0, 0), 1000, 4, 4, 500, 16, 64, 3000, 1)
     vision = Vision()
