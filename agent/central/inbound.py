@@ -3,10 +3,11 @@
 Nothing inbound can crash, stall, deafen or loosen the agent. Every message is size-limited,
 parsed strictly and validated (``messages``); verdicts then pass the cheap checks (known key, scope,
 lifetime, expiry, replay) and only then the signature check, which runs on a worker thread so the
-event loop keeps its heartbeat. What is rejected is logged, counted, and raised as a rate-limited
-alarm event; a command gets an error reply on an allowed reply topic. A failure inside a handler is
-logged and counted, never raised. Retained messages on input topics are ignored: a command or
-batch must not replay itself at every reconnect.
+event loop keeps its heartbeat. What is rejected is counted, logged (rejected verdict items a few
+per reason at a time: ``REJECT_LOG_MAX``), and raised as a rate-limited alarm event; a command
+gets an error reply on an allowed reply topic. A failure inside a handler is logged and counted,
+never raised. Retained messages on input topics are ignored: a command or batch must not replay
+itself at every reconnect.
 
 Flood control: inbound messages are admitted by a token bucket (``max_inbound_per_s``) into a
 bounded queue, and pushed verdict items by a second one (``max_verdict_items_per_s``); beyond

@@ -75,9 +75,9 @@ HOUSEKEEPING_S = 0.2
 #: the interpreter lock changes hands at least this often between threads that both want it
 #: (Python's default: 5 ms). A worker busy with Python work (a flood's signature checks, the
 #: outbox writer, paho) would otherwise keep the event loop waiting up to 5 ms at each step; a
-#: reader frame is timed when the loop reads it, so it could slip past its own window. Under a
-#: 950 KB forged-verdict flood (80 parcels), runs with 2 to 4 parcels inspected needlessly: 4 of 9
-#: at 5 ms, 1 of 10 at 1 ms
+#: reader frame is timed when the loop reads it, so it could slip past its own window. (The late
+#: frames under a forged-verdict flood came mostly from a burst of log lines on the loop, fixed in
+#: ``inbound``; this bound stays. It costs no measurable CPU: docs/performance.md, session 9.)
 GIL_SWITCH_S = 0.001
 
 
